@@ -1,0 +1,177 @@
+"""Request and response schemas (pydantic). The same models validate requests and generate the
+OpenAPI document (api.openapi), so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+StemName = Literal["guitar", "bass", "drums"]
+JobState = Literal["queued", "running", "completed", "failed", "partial"]
+StemState = Literal["queued", "running", "completed", "failed"]
+DeliveryState = Literal["none", "pending", "delivering", "delivered", "failed"]
+
+#: generation_request_id becomes part of blob names and Redis keys: keep it to a safe alphabet.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class GenerationParameters(BaseModel):
+    """What to generate. BPM in beats per minute, durations in seconds."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    target_bpm: float = Field(ge=40, le=240, description="Tempo of every stem, BPM.")
+    duration_seconds: float = Field(
+        gt=0, description="Requested length, seconds; the stem has the whole number of bars "
+                          "closest to it. At most the configured MAX_DURATION_SECONDS.")
+    style: Optional[str] = Field(None, max_length=200, description='Genre or mood, e.g. "rock".')
+    prompt: Optional[str] = Field(None, max_length=500, description="Free text for the model.")
+    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="Makes a request repeatable.")
+    temperature: Optional[float] = Field(None, gt=0, le=5)
+    top_k: Optional[int] = Field(None, ge=0, le=2048)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    cfg_coef: Optional[float] = Field(None, ge=0, le=20, description="Classifier-free guidance.")
+    loop: bool = Field(False, description="Make each stem loop seamlessly (end joins start).")
+
+    @field_validator("duration_seconds")
+    @classmethod
+    def _within_configured_max(cls, value: float, info: ValidationInfo) -> float:
+        limit = (info.context or {}).get("max_duration_seconds")
+        if limit is not None and value > limit:
+            raise ValueError(f"must be at most {limit:g} seconds")
+        return value
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate body, as the backend sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation_request_id: str = Field(pattern=REQUEST_ID_PATTERN,
+                                       description="The backend's id; the idempotency key.")
+    audio_file_id: str = Field(min_length=1, max_length=128)
+    target_stems: list[StemName] = Field(min_length=1, max_length=3)
+    callback_url: Optional[AnyHttpUrl] = Field(
+        None, description="Where the result is POSTed; defaults to the configured DEFAULT_CALLBACK_URL.")
+    parameters: GenerationParameters
+
+    @field_validator("target_stems")
+    @classmethod
+    def _unique(cls, stems: list[str]) -> list[str]:
+        if len(set(stems)) != len(stems):
+            raise ValueError("stems must not repeat")
+        return stems
+
+
+class JobAccepted(BaseModel):
+    """202 (new job) or 200 (the same request again) answer of POST /generate."""
+
+    job_id: str
+    generation_request_id: str
+    status: JobState
+    status_url: str
+    stems: list[StemName]
+
+
+class TempoReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    target_bpm: float
+    source_bpm: float
+    confidence: float
+    method: str
+    bars: int
+
+
+class LoudnessReportModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    integrated_lufs: Optional[float]
+    true_peak_dbtp: Optional[float]
+    gain_db: float
+
+
+class StemResult(BaseModel):
+    """One stem's state; url and the measurements appear once it is completed."""
+
+    model_config = ConfigDict(extra="allow")
+    stem: StemName
+    status: StemState
+    progress: float = Field(ge=0, le=1)
+    url: Optional[str] = None
+    blob_name: Optional[str] = None
+    duration_seconds: Optional[float] = None
+    bpm: Optional[float] = None
+    sample_rate: Optional[int] = None
+    format: Optional[str] = None
+    tempo: Optional[TempoReport] = None
+    loudness: Optional[LoudnessReportModel] = None
+    error: Optional[str] = None
+
+
+class CallbackState(BaseModel):
+    url: Optional[str]
+    state: DeliveryState
+    attempts: int
+    error: Optional[str]
+
+
+class JobStatus(BaseModel):
+    """GET /jobs/{job_id} answer."""
+
+    job_id: str
+    generation_request_id: str
+    audio_file_id: Optional[str]
+    status: JobState
+    progress: float = Field(ge=0, le=1)
+    created_at: float = Field(description="Unix time, seconds.")
+    updated_at: float
+    finished_at: Optional[float]
+    stems: list[StemResult]
+    callback: CallbackState
+
+
+class CallbackBody(BaseModel):
+    """What stemgen POSTs to the callback URL when a job ends.
+
+    Headers: X-Stemgen-Event-Id (same on every retry), X-Stemgen-Timestamp (Unix seconds) and, with a
+    secret configured, X-Stemgen-Signature: sha256=hex(HMAC-SHA256(secret, timestamp + "." + body)).
+    """
+
+    event: Literal["generation.finished"]
+    job_id: str
+    generation_request_id: str
+    audio_file_id: Optional[str]
+    status: Literal["completed", "failed", "partial"]
+    stems: list[StemResult]
+    error: Optional[str]
+
+
+class FieldError(BaseModel):
+    field: str = Field(description='Dotted path of the offending field, e.g. "parameters.target_bpm".')
+    message: str
+    type: str
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    code: str
+    message: str
+    fields: list[FieldError] = []
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    error: ErrorDetail
+
+
+class HealthComponent(BaseModel):
+    ok: bool
+    detail: str = ""
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    broker: HealthComponent
+    storage: HealthComponent
+    workers: list[dict]

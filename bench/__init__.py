@@ -1,0 +1,1 @@
+"""Benchmarks for stemgen; each subpackage runs with ``python -m bench.NAME``."""

@@ -1,0 +1,1 @@
+"""Tempo conform bench: ``python -m bench.tempo`` prints stemgen vs librosa+PV vs Rubber Band constant ratio."""

@@ -1,0 +1,246 @@
+"""Evaluation set with known beat times for the tempo conform bench.
+
+Each clip is a 4/4 groove whose tempo drifts by 1-3 % across the clip (a linear ramp, a slow
+wander or a smooth step, like MusicGen's wandering tempo), with a few ms of human timing jitter on
+every note. Parts:
+
+- drums: real multi-sampled kits (Debian ``hydrogen-drumkits``, see ``kits.py``) sequenced into
+  grooves on an 8th-note grid (rock, four-on-the-floor, half-time, funk, ride);
+- bass: additive sawtooth-like synth with a plucked envelope;
+- strummed chords: Karplus-Strong strings (Karplus & Strong 1983), 6 strings staggered like a
+  real down/up strum.
+
+Every note starts on an 8th-note position, so an 8th-note grid is the right yardstick for the
+output. Clips start somewhere inside the bar before the first downbeat (a pickup), as generated
+audio does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.tempo.kits import ACOUSTIC_KITS, ELECTRONIC_KITS, load_kit
+
+BEATS_PER_BAR = 4
+SLOTS_PER_BAR = 8  # 8th notes
+
+# 8 slots per bar: 1 & 2 & 3 & 4 &
+_GROOVES = {
+    "rock": dict(kick=[0, 5, 4], snare=[2, 6], hat=list(range(8))),
+    "four-floor": dict(kick=[0, 2, 4, 6], snare=[2, 6], hat=[1, 3, 5, 7], open=[7]),
+    "half-time": dict(kick=[0, 3], snare=[4], hat=list(range(8))),
+    "funk": dict(kick=[0, 3, 6], snare=[2, 6], hat=list(range(8))),
+    "ride": dict(kick=[0, 4], snare=[2, 6], ride=list(range(8))),
+}
+
+_BASS_RHYTHMS = ([0, 2, 4, 6], [0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 6], [0, 2, 3, 4, 6, 7])
+_STRUM_RHYTHMS = ([0, 2, 4, 6], [0, 2, 3, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 6])
+
+# guitar open-chord voicings (MIDI notes, low string first) and bass roots (MIDI)
+_CHORDS = {
+    "C": ([48, 52, 55, 60, 64], 36), "G": ([43, 47, 50, 55, 59, 67], 31), "Am": ([45, 52, 57, 60, 64], 33),
+    "F": ([41, 48, 53, 57, 60, 65], 29), "D": ([50, 57, 62, 66], 38), "Em": ([40, 47, 52, 55, 59, 64], 28),
+    "E": ([40, 47, 52, 56, 59, 64], 28), "A": ([45, 52, 57, 61, 64], 33),
+}
+_PROGRESSIONS = (("C", "G", "Am", "F"), ("G", "D", "Em", "C"), ("Am", "F", "C", "G"), ("E", "A", "D", "A"))
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    kind: str                 # "drums", "drums+bass", "full", "bass+strum"
+    audio: np.ndarray         # float32 [channels, samples]
+    sample_rate: int          # Hz
+    beat_times: np.ndarray    # true quarter-note times in the clip, seconds (before jitter)
+    downbeat_times: np.ndarray
+    source_bpm: float         # least-squares constant tempo of beat_times (the "true" source tempo)
+    target_bpm: float
+    drift_percent: float      # peak-to-peak tempo change across the clip
+    drift_shape: str
+
+    @property
+    def ratio(self) -> float:
+        return self.target_bpm / self.source_bpm
+
+
+def _midi_hz(note: float) -> float:
+    return 440.0 * 2.0 ** ((note - 69) / 12.0)
+
+
+def _tempo_curve(rng: np.random.Generator, n: int, bpm0: float, drift: float) -> tuple[np.ndarray, str]:
+    u = np.linspace(0.0, 1.0, n)
+    shape = ("ramp", "wander", "step")[rng.integers(3)]
+    sign = rng.choice([-1.0, 1.0])
+    if shape == "ramp":
+        f = u - 0.5
+    elif shape == "wander":
+        cycles = rng.uniform(0.6, 1.5)
+        f = 0.5 * np.sin(2 * np.pi * (cycles * u + rng.uniform()))
+        f = (f - f.min()) / max(1e-9, f.max() - f.min()) - 0.5
+    else:
+        f = 0.5 * np.tanh((u - rng.uniform(0.3, 0.7)) / 0.05)
+    return bpm0 * (1.0 + sign * drift * f), shape
+
+
+def _place(out: np.ndarray, sample: np.ndarray, t: float, sr: int, gain: float, pan: float | None) -> None:
+    i = int(round(t * sr))
+    if i >= out.shape[1] or i + len(sample) <= 0:
+        return
+    s = sample
+    if i < 0:
+        s, i = s[-i:], 0
+    s = s[: out.shape[1] - i] * gain
+    if out.shape[0] == 1 or pan is None:
+        out[:, i:i + len(s)] += s
+    else:
+        out[0, i:i + len(s)] += s * np.cos(pan * np.pi / 2)
+        out[1, i:i + len(s)] += s * np.sin(pan * np.pi / 2)
+
+
+def _bass_note(freq: float, length: int, sr: int) -> np.ndarray:
+    t = np.arange(length) / sr
+    phase = 2 * np.pi * freq * t
+    wave = np.zeros(length)
+    for k in range(1, max(2, min(24, int(2500 / freq))) + 1):
+        wave += np.sin(k * phase) / k * np.exp(-t * k * 1.5)  # brighter attack, darker sustain
+    env = np.minimum(1.0, t / 0.004) * np.exp(-t / 0.45)
+    release = min(length, int(0.02 * sr))
+    env[length - release:] *= np.linspace(1.0, 0.0, release)
+    return (wave * env).astype(np.float32)
+
+
+def _pluck(freq: float, length: int, sr: int, rng: np.random.Generator, decay: float = 0.996) -> np.ndarray:
+    """Karplus-Strong string, computed one delay-line period at a time (vectorised)."""
+    period = max(2, int(round(sr / freq)))
+    y = np.zeros(1 + length + period)  # y[0] is the sample before the excitation
+    burst = np.convolve(rng.uniform(-1.0, 1.0, period), [0.5, 0.5], mode="same")  # softer pick
+    y[1: 1 + period] = burst
+    for start in range(1 + period, len(y), period):
+        stop = min(start + period, len(y))
+        y[start:stop] = decay * 0.5 * (y[start - period: stop - period] + y[start - period - 1: stop - period - 1])
+    return y[1: 1 + length].astype(np.float32)
+
+
+def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, channels: int = 1,
+              kind: str = "full", seed: int = 0) -> Clip:
+    """Synthesise evaluation clip ``index`` (deterministic for a given seed)."""
+    rng = np.random.default_rng([seed, index])
+    sr = sample_rate
+    bpm0 = float(np.exp(rng.uniform(np.log(70.0), np.log(160.0))))
+    drift = float(rng.uniform(0.01, 0.03))
+    jitter_s = float(rng.uniform(0.002, 0.004))
+
+    # musical position (beats) over a fine time grid; q=0 is the first downbeat
+    dt = 0.0005
+    grid_t = np.arange(0.0, duration + 2.0, dt)
+    bpm_curve, shape = _tempo_curve(rng, len(grid_t), bpm0, drift)
+    q0 = -float(rng.uniform(0.0, BEATS_PER_BAR))
+    q = q0 + np.concatenate(([0.0], np.cumsum(bpm_curve[:-1] / 60.0 * dt)))
+
+    def time_of(position: float) -> float:
+        return float(np.interp(position, q, grid_t))
+
+    first_bar = int(np.floor(q0 / BEATS_PER_BAR))
+    last_bar = int(np.ceil(q[np.searchsorted(grid_t, duration)] / BEATS_PER_BAR))
+    n = int(round(duration * sr))
+    out = np.zeros((channels, n), dtype=np.float32)
+
+    def jit() -> float:
+        return float(np.clip(rng.normal(0.0, jitter_s), -3 * jitter_s, 3 * jitter_s))
+
+    parts = {"drums": ("drums",), "drums+bass": ("drums", "bass"), "full": ("drums", "bass", "strum"),
+             "bass+strum": ("bass", "strum")}[kind]
+
+    if "drums" in parts:
+        kit_name = (ACOUSTIC_KITS + ELECTRONIC_KITS)[rng.integers(len(ACOUSTIC_KITS) + len(ELECTRONIC_KITS))]
+        kit = load_kit(kit_name, sr)
+        groove_name = list(_GROOVES)[rng.integers(len(_GROOVES))]
+        groove = _GROOVES[groove_name]
+        pans = {"kick": 0.5, "snare": 0.45, "hat": 0.65, "open": 0.65, "ride": 0.3, "crash": 0.35}
+        levels = {"kick": 1.0, "snare": 0.8, "hat": 0.35, "open": 0.3, "ride": 0.35, "crash": 0.4}
+        for bar in range(first_bar, last_bar + 1):
+            for slot in range(SLOTS_PER_BAR):
+                pos = bar * BEATS_PER_BAR + slot / 2
+                if pos < q0 - 0.5:
+                    continue
+                for voice in ("kick", "snare", "hat", "open", "ride"):
+                    if slot in groove.get(voice, ()):
+                        vel = float(np.clip(rng.normal(0.8 if slot % 2 == 0 else 0.55, 0.1), 0.1, 1.0))
+                        _place(out, kit.hit(voice, vel), time_of(pos) + jit(), sr, levels[voice], pans[voice])
+                if slot == 0 and bar % 4 == 0 and rng.uniform() < 0.5:
+                    _place(out, kit.hit("crash", 0.8), time_of(pos) + jit(), sr, levels["crash"], pans["crash"])
+        kind_name = f"{kind}:{kit_name}:{groove_name}"
+    else:
+        kind_name = kind
+
+    progression = _PROGRESSIONS[rng.integers(len(_PROGRESSIONS))]
+    if "bass" in parts:
+        rhythm = _BASS_RHYTHMS[rng.integers(len(_BASS_RHYTHMS))]
+        events = [(bar, s) for bar in range(first_bar, last_bar + 1) for s in rhythm]
+        for k, (bar, slot) in enumerate(events):
+            pos = bar * BEATS_PER_BAR + slot / 2
+            nxt = events[k + 1][0] * BEATS_PER_BAR + events[k + 1][1] / 2 if k + 1 < len(events) else pos + 1
+            if pos < q0 - 1:
+                continue
+            root = _CHORDS[progression[bar % 4]][1] + (12 if slot in (3, 7) and rng.uniform() < 0.3 else 0)
+            length = int((time_of(nxt) - time_of(pos)) * sr * 0.95)
+            note = _bass_note(_midi_hz(root), max(length, 64), sr)
+            _place(out, note, time_of(pos) + jit(), sr, 0.5 * float(rng.uniform(0.8, 1.0)), 0.5)
+        kind_name += ":bass"
+
+    if "strum" in parts:
+        rhythm = _STRUM_RHYTHMS[rng.integers(len(_STRUM_RHYTHMS))]
+        bank: dict[tuple[str, int], np.ndarray] = {}
+        for bar in range(first_bar, last_bar + 1):
+            chord = progression[bar % 4]
+            notes = _CHORDS[chord][0]
+            for slot in rhythm:
+                pos = bar * BEATS_PER_BAR + slot / 2
+                if pos < q0 - 1:
+                    continue
+                start = time_of(pos) + jit()
+                down = slot % 2 == 0
+                order = notes if down else notes[::-1][:4]
+                spread = float(rng.uniform(0.006, 0.012))
+                for s, note in enumerate(order):
+                    key = (chord, note)
+                    if key not in bank:
+                        bank[key] = _pluck(_midi_hz(note), int(1.2 * sr), sr, rng)
+                    gain = 0.18 * (1.0 if down else 0.7) * float(rng.uniform(0.8, 1.0))
+                    _place(out, bank[key], start + s * spread, sr, gain, 0.35 + 0.05 * s)
+        kind_name += ":strum"
+
+    # the clip's true beats: every quarter note inside the clip
+    beat_positions = np.arange(np.ceil(q0), q[np.searchsorted(grid_t, duration) - 1] + 1e-9)
+    beat_times = np.interp(beat_positions, q, grid_t)
+    keep = (beat_times >= 0) & (beat_times < duration)
+    beat_positions, beat_times = beat_positions[keep], beat_times[keep]
+    downbeats = beat_times[np.mod(beat_positions, BEATS_PER_BAR) == 0]
+    slope = np.polyfit(np.arange(len(beat_times)), beat_times, 1)[0]
+
+    peak = float(np.max(np.abs(out)))
+    out *= np.float32(0.8 / max(peak, 1e-9))
+    rng_target = float(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
+    source_bpm = 60.0 / slope
+    target = float(np.clip(round(source_bpm * rng_target), np.ceil(source_bpm * 0.75), np.floor(source_bpm * 1.33)))
+    return Clip(name=f"{index:02d}", kind=kind_name, audio=out, sample_rate=sr, beat_times=beat_times,
+                downbeat_times=downbeats, source_bpm=float(source_bpm), target_bpm=target,
+                drift_percent=100 * drift, drift_shape=shape)
+
+
+def build_set(n_clips: int = 40, *, duration: float = 30.0, seed: int = 0) -> list[Clip]:
+    """The evaluation set: mostly 32 kHz mono (MusicGen's format), some 44.1 kHz stereo and 48 kHz."""
+    kinds = ("full", "drums+bass", "drums", "full", "bass+strum", "drums+bass", "full", "drums")
+    clips = []
+    for i in range(n_clips):
+        if i % 5 == 4:
+            sr, ch = 44100, 2
+        elif i % 7 == 6:
+            sr, ch = 48000, 1
+        else:
+            sr, ch = 32000, 1
+        clips.append(make_clip(i, duration=duration, sample_rate=sr, channels=ch, kind=kinds[i % len(kinds)],
+                               seed=seed))
+    return clips

@@ -1,0 +1,112 @@
+"""Independent judge of a conformed clip: aubio onsets + an 8th-note grid fit.
+
+The onset detector here is aubio's (Brossier 2006, complex-domain detection function (Duxbury et al. 2003) with adaptive
+thresholding), deliberately not the librosa onset envelope that ``stems.tempo`` analyses, so the
+bench does not grade the conform with its own yardstick.
+
+Metrics for one output clip at target tempo T:
+- tempo error (%): an 8th-note grid (period p, phase) is fitted to the onsets (circular
+  resultant search, then least-squares on grid indices); tempo = 30 / p; error = |tempo - T| / T;
+- grid distance p75 (ms): with the period fixed at exactly 30 / T and the best phase, the 75th
+  percentile of |onset - nearest grid line|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aubio
+import numpy as np
+
+HOP = 128
+WIN = 1024
+
+
+def detect_onsets(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Onset times in seconds of ``audio`` [channels, samples] (mixed to mono), via aubio specflux."""
+    mono = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1, audio.shape[-1]).mean(axis=0))
+    hop = HOP
+    det = aubio.onset("complex", WIN, hop, sample_rate)
+    det.set_threshold(0.3)
+    det.set_minioi_ms(40.0)
+    det.set_silence(-60.0)
+    pad = (-len(mono)) % hop
+    mono = np.concatenate([mono, np.zeros(pad + hop, dtype=np.float32)])
+    onsets = []
+    for start in range(0, len(mono) - hop + 1, hop):
+        if det(mono[start:start + hop])[0] > 0:
+            onsets.append(det.get_last_s())
+    return np.asarray(onsets, dtype=float)
+
+
+def _resultant(t: np.ndarray, period: float) -> float:
+    return float(np.abs(np.mean(np.exp(2j * np.pi * t / period))))
+
+
+def fit_grid(onsets: np.ndarray, nominal_period: float, search: float = 0.15) -> tuple[float, float]:
+    """Fit an isochronous grid t = phase + n * period to ``onsets`` (seconds).
+
+    The period is searched within +-``search`` of ``nominal_period``: coarse-to-fine on the
+    circular resultant length, then refined by least squares on each onset's grid index with
+    outliers (more than a quarter period off) dropped. Returns (period, phase) in seconds.
+    """
+    if len(onsets) < 4:
+        return float("nan"), float("nan")
+    lo, hi = nominal_period * (1 - search), nominal_period * (1 + search)
+    periods = np.linspace(lo, hi, 1501)
+    scores = [_resultant(onsets, p) for p in periods]
+    best = periods[int(np.argmax(scores))]
+    step = periods[1] - periods[0]
+    fine = np.linspace(best - step, best + step, 201)
+    best = fine[int(np.argmax([_resultant(onsets, p) for p in fine]))]
+    phase = float(np.angle(np.mean(np.exp(2j * np.pi * onsets / best))) / (2 * np.pi) * best)
+    period = best
+    for _ in range(4):
+        idx = np.round((onsets - phase) / period)
+        res = onsets - (phase + idx * period)
+        inl = np.abs(res) < period / 4
+        if inl.sum() < 4:
+            break
+        a = np.vstack([np.ones(inl.sum()), idx[inl]]).T
+        phase, period = np.linalg.lstsq(a, onsets[inl], rcond=None)[0]
+    return float(period), float(phase)
+
+
+def grid_distance_p75(onsets: np.ndarray, period: float) -> float:
+    """75th-percentile distance (seconds) of ``onsets`` from a grid of ``period`` at the best phase."""
+    if len(onsets) == 0:
+        return float("nan")
+    phases = np.linspace(0.0, period, 400, endpoint=False)
+    best = np.inf
+    for ph in phases:
+        d = np.abs((onsets - ph + period / 2) % period - period / 2)
+        best = min(best, float(np.percentile(d, 75)))
+    return best
+
+
+@dataclass(frozen=True)
+class Score:
+    tempo_bpm: float
+    tempo_error_percent: float
+    grid_p75_ms: float
+    n_onsets: int
+
+
+def score(audio: np.ndarray, sample_rate: int, target_bpm: float) -> Score:
+    """Judge ``audio`` [channels, samples] against an 8th-note grid at ``target_bpm``."""
+    onsets = detect_onsets(audio, sample_rate)
+    eighth = 30.0 / target_bpm
+    period, _ = fit_grid(onsets, eighth)
+    tempo = 30.0 / period if np.isfinite(period) else float("nan")
+    err = abs(tempo - target_bpm) / target_bpm * 100 if np.isfinite(tempo) else float("inf")
+    return Score(tempo_bpm=tempo, tempo_error_percent=err,
+                 grid_p75_ms=grid_distance_p75(onsets, eighth) * 1000, n_onsets=len(onsets))
+
+
+def truth_distance_ms(onsets: np.ndarray, truth: np.ndarray) -> float:
+    """Median |onset - nearest true time| in ms (detector self-check on unprocessed clips)."""
+    if len(onsets) == 0 or len(truth) == 0:
+        return float("nan")
+    idx = np.clip(np.searchsorted(truth, onsets), 1, len(truth) - 1)
+    d = np.minimum(np.abs(onsets - truth[idx - 1]), np.abs(onsets - truth[idx]))
+    return float(np.median(d) * 1000)

@@ -1,0 +1,110 @@
+"""The one settings object of stemgen, read from the environment (and an optional `.env` file).
+
+Every field maps to an environment variable named in upper case (``broker_url`` ← ``BROKER_URL``);
+`.env.example` lists them all with their defaults. Packages receive a `Settings` instance (or the
+values they need from it); nothing reads ``os.environ`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Azurite's well-known development account (public, documented by Microsoft).
+AZURITE_CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+)
+
+STEM_NAMES = ("guitar", "bass", "drums")
+
+
+class Settings(BaseSettings):
+    """Configuration of the gateway and the workers. Units are in the field names."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- broker / result backend / job store -------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery result backend, also the job store (job records, idempotency keys). Must be Redis.
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    #: Seconds a job record and its results are kept.
+    job_ttl_seconds: int = 7 * 24 * 3600
+    #: Broker visibility timeout (Redis/SQS): must exceed the longest task, or a task still running
+    #: is delivered a second time.
+    visibility_timeout_seconds: int = 2 * 3600
+    #: Hard and soft time limits of one generate_stem task.
+    task_time_limit_seconds: int = 1800
+    task_soft_time_limit_seconds: int = 1700
+
+    # --- model -----------------------------------------------------------------------------------
+    #: Hub id (facebook/musicgen-small), a local checkpoint directory, or "tiny" (random weights,
+    #: made on the fly; for tests and offline runs).
+    musicgen_model: str = "facebook/musicgen-small"
+    #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    stemgen_device: str = "auto"
+    #: Load the model (and run a short warm-up) when a worker process starts.
+    preload_model: bool = True
+    #: Sampling defaults (audiocraft's own defaults); requests may override them.
+    default_top_k: int = 250
+    default_top_p: float = 0.0
+    default_temperature: float = 1.0
+    default_cfg_coef: float = 3.0
+
+    # --- request limits -------------------------------------------------------------------------
+    max_duration_seconds: float = 30.0
+    max_request_bytes: int = 64 * 1024
+
+    # --- audio -----------------------------------------------------------------------------------
+    beats_per_bar: int = 4
+    target_lufs: float = -14.0
+    max_true_peak_dbtp: float = -1.0
+
+    # --- storage -----------------------------------------------------------------------------------
+    azure_storage_connection_string: str = AZURITE_CONNECTION_STRING
+    azure_storage_container: str = "stems"
+    #: Lifetime of the read SAS in stem URLs.
+    sas_ttl_seconds: int = 24 * 3600
+    #: Attempts of the Azure SDK's ExponentialRetry policy (waits 2 + 2**n s) per storage call.
+    storage_retry_total: int = 6
+    #: Connect and read timeout of each storage HTTP request, seconds.
+    storage_timeout_seconds: float = 20.0
+
+    # --- callback -------------------------------------------------------------------------------------
+    #: Used when a request names no callback_url; empty = no callback for such requests.
+    default_callback_url: str = ""
+    #: HMAC-SHA256 key for the X-Stemgen-Signature header; empty = unsigned.
+    callback_secret: str = ""
+    callback_timeout_seconds: float = 10.0
+    callback_max_retries: int = 8
+    #: First retry delay; doubles each retry up to callback_backoff_max_seconds (Celery's retry_backoff).
+    callback_backoff_seconds: int = 2
+    callback_backoff_max_seconds: int = 600
+
+    # --- gateway ---------------------------------------------------------------------------------------
+    #: Base of the status URLs returned to callers; empty = derived from the request.
+    public_base_url: str = ""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Seconds /health waits for worker replies.
+    health_worker_timeout_seconds: float = 1.0
+
+    generation_margin_seconds: float = Field(
+        default=1.0,
+        description="Extra audio generated beyond the request so whole bars remain after the "
+        "downbeat alignment of tempo conform.",
+    )
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+def load_settings(**overrides) -> Settings:
+    """Read settings from the environment; keyword overrides win (used by tests and the CLI)."""
+    return Settings(**overrides)

@@ -1,0 +1,77 @@
+"""From raw MusicGen output to a finished stem file: tempo conform, loudness, WAV encoding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from stems.audio import WAV_CONTENT_TYPE, encode_wav
+from stems.loudness import LoudnessReport, normalize_loudness
+from stems.tempo import TempoAnalysis, conform_to_bpm
+
+
+@dataclass(frozen=True)
+class RenderedStem:
+    """A finished stem: encoded file plus what was measured on the way."""
+
+    data: bytes                 # WAV file bytes
+    content_type: str
+    sample_rate: int            # Hz
+    channels: int
+    duration_seconds: float
+    tempo: TempoAnalysis
+    loudness: LoudnessReport
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description (used in job results and the callback)."""
+        return {
+            "sample_rate": self.sample_rate,
+            "channels": self.channels,
+            "duration_seconds": round(self.duration_seconds, 6),
+            "format": "wav",
+            "tempo": self.tempo.to_dict(),
+            "loudness": self.loudness.to_dict(),
+        }
+
+
+def bars_for(duration_seconds: float, bpm: float, beats_per_bar: int = 4) -> int:
+    """Whole bars closest to ``duration_seconds`` at ``bpm`` (at least one)."""
+    bar_seconds = beats_per_bar * 60.0 / bpm
+    return max(1, int(math.floor(duration_seconds / bar_seconds + 0.5)))
+
+
+def render_stem(audio: np.ndarray, sample_rate: int, *, bpm: float, duration_seconds: float,
+                beats_per_bar: int = 4, loop: bool = False, target_lufs: float = -14.0,
+                max_true_peak_dbtp: float = -1.0) -> RenderedStem:
+    """Conform ``audio`` to ``bpm`` in whole bars, normalise its loudness, encode it as WAV.
+
+    Args:
+        audio: float ``[channels, samples]`` as generated.
+        sample_rate: Hz.
+        bpm: target tempo, BPM.
+        duration_seconds: requested length; the stem has the whole number of bars closest to it.
+        beats_per_bar: meter numerator (4 for 4/4).
+        loop: make the end join the start seamlessly.
+        target_lufs: integrated loudness target, LUFS (ITU-R BS.1770).
+        max_true_peak_dbtp: true-peak ceiling, dBTP.
+
+    Raises:
+        stems.tempo.TempoError: when the material cannot be conformed.
+    """
+    bars = bars_for(duration_seconds, bpm, beats_per_bar)
+    conformed = conform_to_bpm(audio, sample_rate, bpm, bars=bars, loop=loop,
+                               beats_per_bar=beats_per_bar)
+    normalised, loudness = normalize_loudness(conformed.audio, sample_rate, target_lufs=target_lufs,
+                                              max_true_peak_dbtp=max_true_peak_dbtp)
+    channels, samples = normalised.shape
+    return RenderedStem(
+        data=encode_wav(normalised, sample_rate),
+        content_type=WAV_CONTENT_TYPE,
+        sample_rate=sample_rate,
+        channels=channels,
+        duration_seconds=samples / sample_rate,
+        tempo=conformed.analysis,
+        loudness=loudness,
+    )

@@ -1,0 +1,62 @@
+"""The Celery application, configured from stemgen settings (Celery's ``config_from_object``).
+
+Start a worker with ``celery -A tasks.app worker -Q stems,callbacks --concurrency 1``.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from stemgen_settings import Settings, load_settings
+
+STEMS_QUEUE = "stems"
+CALLBACKS_QUEUE = "callbacks"
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings for long, expensive, idempotent tasks.
+
+    - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker dies is redelivered
+      instead of lost (the tasks are idempotent: uploads overwrite the same blob).
+    - ``worker_prefetch_multiplier=1``: a worker holds one task at a time, so a long generation does
+      not sit on messages another worker could run.
+    - ``visibility_timeout`` (Redis broker) above the longest task, so a running task is not handed
+      to a second worker.
+    """
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "result_expires": settings.job_ttl_seconds,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "task_default_queue": CALLBACKS_QUEUE,
+        "task_queues": (Queue(STEMS_QUEUE), Queue(CALLBACKS_QUEUE)),
+        "task_routes": {
+            "stemgen.generate_stem": {"queue": STEMS_QUEUE},
+            "stemgen.finalize_request": {"queue": CALLBACKS_QUEUE},
+            "stemgen.deliver_callback": {"queue": CALLBACKS_QUEUE},
+        },
+        "task_time_limit": settings.task_time_limit_seconds,
+        "task_soft_time_limit": settings.task_soft_time_limit_seconds,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_celery(settings: Settings) -> Celery:
+    """Build a Celery app from settings; the settings object is kept as ``app.stemgen_settings``."""
+    app = Celery("stemgen", include=["tasks.stem_tasks", "tasks.worker"])
+    app.config_from_object(celery_config(settings))
+    app.stemgen_settings = settings
+    return app
+
+
+app = create_celery(load_settings())

@@ -1,0 +1,81 @@
+"""The callback to the backend: body, signature, and one delivery attempt.
+
+Signature (webhook practice as in Stripe's and Standard Webhooks' schemes): with a secret configured,
+``X-Stemgen-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`` where ``timestamp``
+is the ``X-Stemgen-Timestamp`` header (Unix seconds) and ``body`` the exact request bytes. The
+receiver recomputes it, compares in constant time, and rejects old timestamps (replays).
+``X-Stemgen-Event-Id`` is stable across retries of one callback, for the receiver's de-duplication.
+Retries with backoff are Celery's (see tasks.stem_tasks.deliver_callback), not a loop here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import requests
+
+SIGNATURE_HEADER = "X-Stemgen-Signature"
+TIMESTAMP_HEADER = "X-Stemgen-Timestamp"
+EVENT_ID_HEADER = "X-Stemgen-Event-Id"
+USER_AGENT = "stemgen-callback/1"
+
+
+class CallbackError(RuntimeError):
+    """The callback was not accepted and must not be retried (4xx other than 408/429)."""
+
+
+class CallbackRetryableError(CallbackError):
+    """The callback failed in a way worth retrying (connection error, timeout, 5xx, 408, 429)."""
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """``sha256=<hex>`` HMAC-SHA256 of ``"{timestamp}.".encode() + body`` under ``secret``."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str, *,
+           tolerance_seconds: float = 300, now: float | None = None) -> bool:
+    """Receiver-side check of a signed callback (constant-time compare, replay window)."""
+    try:
+        age = abs((now if now is not None else time.time()) - float(timestamp))
+    except ValueError:
+        return False
+    return age <= tolerance_seconds and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def encode_body(payload: dict) -> bytes:
+    """The exact bytes sent (and signed)."""
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+
+
+def post_callback(url: str, payload: dict, *, event_id: str, secret: str = "",
+                  timeout_seconds: float = 10.0, session: requests.Session | None = None) -> int:
+    """POST one callback. Returns the HTTP status on 2xx.
+
+    Raises:
+        CallbackRetryableError: connection error, timeout, 5xx, 408 or 429.
+        CallbackError: any other non-2xx answer (the receiver rejected the body; retrying won't help).
+    """
+    body = encode_body(payload)
+    timestamp = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+               EVENT_ID_HEADER: event_id, TIMESTAMP_HEADER: timestamp}
+    if secret:
+        headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
+    http = session or requests
+    try:
+        response = http.post(url, data=body, headers=headers, timeout=timeout_seconds,
+                             allow_redirects=False)
+    except requests.RequestException as exc:
+        raise CallbackRetryableError(f"callback to {url} failed: {exc.__class__.__name__}: {exc}") from exc
+    status = response.status_code
+    if 200 <= status < 300:
+        return status
+    message = f"callback to {url} answered HTTP {status}"
+    if status >= 500 or status in (408, 429):
+        raise CallbackRetryableError(message)
+    raise CallbackError(message)

@@ -1,0 +1,67 @@
+"""JobStore against the real Redis."""
+
+import pytest
+
+from tasks.jobstore import IdempotencyConflict, JobNotFound, JobStore, request_fingerprint
+
+URL = "redis://127.0.0.1:6379/13"
+
+
+@pytest.fixture
+def store():
+    s = JobStore(URL, ttl_seconds=60)
+    s._redis.flushdb()
+    return s
+
+
+def req(rid="gen-1", **params):
+    return {"generation_request_id": rid, "audio_file_id": "a", "target_stems": ["bass", "drums"],
+            "parameters": {"target_bpm": 120.0, "duration_seconds": 4.0, **params}}
+
+
+def test_fingerprint_ignores_key_order():
+    assert request_fingerprint({"a": 1, "b": [1, 2]}) == request_fingerprint({"b": [1, 2], "a": 1})
+    assert request_fingerprint({"a": 1}) != request_fingerprint({"a": 2})
+
+
+def test_create_is_idempotent_per_request_id(store):
+    first = store.create(req(), ["bass", "drums"], "http://cb")
+    again = store.create(req(), ["bass", "drums"], "http://cb")
+    assert first.created and not again.created
+    assert again.job_id == first.job_id
+    with pytest.raises(IdempotencyConflict):
+        store.create(req(seed=3), ["bass", "drums"], "http://cb")
+    assert store.create(req("gen-2"), ["bass"], None).job_id != first.job_id
+
+
+def test_stem_progress_and_job_state(store):
+    job_id = store.create(req(), ["bass", "drums"], "http://cb").job_id
+    job = store.get(job_id)
+    assert job["status"] == "queued" and job["progress"] == 0.0
+    assert job["callback"] == {"url": "http://cb", "state": "pending", "attempts": 0, "error": None}
+    store.update_stem(job_id, "bass", "running", 0.5)
+    job = store.get(job_id)
+    assert job["status"] == "running"
+    assert job["progress"] == 0.25
+    store.update_stem(job_id, "bass", "completed", 1.0, url="http://x", bpm=120.0)
+    store.update_stem(job_id, "drums", "failed", 1.0, error="boom")
+    job = store.get(job_id)
+    assert job["stems"][0]["url"] == "http://x"
+    assert job["stems"][1]["error"] == "boom"
+    assert job["progress"] == 1.0
+    store.finish(job_id, "partial", {"status": "partial"})
+    store.update_delivery(job_id, "delivered", attempts=1)
+    job = store.get(job_id)
+    assert job["status"] == "partial"
+    assert job["callback_payload"] == {"status": "partial"}
+    assert job["callback"]["state"] == "delivered" and job["callback"]["attempts"] == 1
+
+
+def test_missing_job(store):
+    with pytest.raises(JobNotFound):
+        store.get("0" * 32)
+
+
+def test_rejects_non_redis_backend():
+    with pytest.raises(ValueError):
+        JobStore("rpc://")
