@@ -36,9 +36,6 @@ class Settings(BaseSettings):
     #: Broker visibility timeout (Redis/SQS): must exceed the longest task, or a task still running
     #: is delivered a second time.
     visibility_timeout_seconds: int = 2 * 3600
-    #: Hard and soft time limits of one generate_stem task.
-    task_time_limit_seconds: int = 1800
-    task_soft_time_limit_seconds: int = 1700
 
     # --- model -----------------------------------------------------------------------------------
     #: Hub id (facebook/musicgen-small), a local checkpoint directory, or "tiny" (random weights,
@@ -48,6 +45,14 @@ class Settings(BaseSettings):
     stemgen_device: str = "auto"
     #: Load the model (and run a short warm-up) when a worker process starts.
     preload_model: bool = True
+    #: Dynamic batching (stems.batching): most clips per MusicGen call, how long the first request
+    #: of a batch waits for company, and the duration granularity of a batch.
+    batch_max_size: int = Field(default=4, ge=1, le=64)
+    batch_window_seconds: float = Field(default=0.05, ge=0, le=5)
+    batch_bucket_seconds: float = Field(default=1.0, gt=0)
+    #: Threads of a worker process (Celery threads pool); each runs one stem task, and the stem
+    #: tasks of a worker share one model and one batcher. At least batch_max_size.
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
     #: Sampling defaults (audiocraft's own defaults); requests may override them.
     default_top_k: int = 250
     default_top_p: float = 0.0

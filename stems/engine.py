@@ -166,6 +166,8 @@ class StemEngine:
                     wav = model.generate(list(prompts), progress=progress is not None)
             except Exception as exc:
                 raise GenerationError(f"MusicGen generation failed: {exc}") from exc
+            if progress is not None and reported[0] < 1.0:
+                progress(1.0)  # audiocraft's count is approximate across extension windows
         return wav.float().cpu().numpy()
 
     def warm_up(self) -> None:

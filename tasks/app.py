@@ -1,6 +1,6 @@
 """The Celery application, configured from stemgen settings (Celery's ``config_from_object``).
 
-Start a worker with ``celery -A tasks.app worker -Q stems,callbacks --concurrency 1``.
+Start a worker with ``celery -A tasks.app worker -Q stems,callbacks``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def celery_config(settings: Settings) -> dict:
       not sit on messages another worker could run.
     - ``visibility_timeout`` (Redis broker) above the longest task, so a running task is not handed
       to a second worker.
+    - a threads pool: concurrent stem tasks of one worker share the loaded model and are batched into
+      one MusicGen call (tasks.model_cache.get_batcher); prefetch is then ``worker_concurrency``.
     """
     return {
         "broker_url": settings.broker_url,
@@ -45,8 +47,9 @@ def celery_config(settings: Settings) -> dict:
             "stemgen.finalize_request": {"queue": CALLBACKS_QUEUE},
             "stemgen.deliver_callback": {"queue": CALLBACKS_QUEUE},
         },
-        "task_time_limit": settings.task_time_limit_seconds,
-        "task_soft_time_limit": settings.task_soft_time_limit_seconds,
+        # Threads: the stem tasks of a worker share one model and batch together (stems.batching).
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
         "worker_hijack_root_logger": False,
     }
 

@@ -1,4 +1,5 @@
-"""The worker's model cache: one loaded StemEngine per worker process (the only global state).
+"""The worker's model cache: one loaded StemEngine (and its StemBatcher) per worker process, the
+only global state.
 
 Loaded at process start (``worker_process_init``, see tasks.worker) and reused by every task, as
 cog's ``setup()``/``predict()`` split does; nothing reloads per task.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import threading
 
+from stems.batching import StemBatcher
 from stems.engine import StemEngine
 
 _engines: dict[tuple[str, str], StemEngine] = {}
+_batchers: dict[tuple[str, str], StemBatcher] = {}
 _lock = threading.Lock()
 
 
@@ -31,3 +34,17 @@ def get_engine(model: str, device: str = "auto") -> StemEngine:
 def loaded() -> list[dict]:
     """What this process has loaded (for health reports)."""
     return [{"model": m, "device": e.device} for (m, _), e in _engines.items()]
+
+
+def get_batcher(settings) -> StemBatcher:
+    """The process's batcher over the engine of ``settings`` (see stems.batching)."""
+    key = (settings.musicgen_model, settings.stemgen_device)
+    engine = get_engine(*key)
+    with _lock:
+        batcher = _batchers.get(key)
+        if batcher is None:
+            batcher = _batchers[key] = StemBatcher(
+                engine, max_batch=settings.batch_max_size,
+                window_seconds=settings.batch_window_seconds,
+                bucket_seconds=settings.batch_bucket_seconds)
+        return batcher

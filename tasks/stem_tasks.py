@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
-from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 
-from stemgen_settings import STEM_NAMES
 from stems.engine import SamplingParams
 from stems.prompts import build_stem_prompt
 from stems.render import render_stem
@@ -21,7 +19,7 @@ from storage import StorageUnavailable, blob_name_for, store_from_settings
 from tasks.app import app
 from tasks.callbacks import CallbackRetryableError, CallbackError, post_callback
 from tasks.jobstore import JobStore
-from tasks.model_cache import get_engine
+from tasks.model_cache import get_batcher
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +61,6 @@ def sampling_params(parameters: dict, settings) -> SamplingParams:
                           cfg_coef=float(pick("cfg_coef", settings.default_cfg_coef)))
 
 
-def stem_seed(parameters: dict, stem: str) -> int | None:
-    """Per-stem seed derived from the request seed (stems differ, runs repeat); None = random."""
-    seed = parameters.get("seed")
-    return None if seed is None else int(seed) + STEM_NAMES.index(stem)
-
-
 def _failed(jobs: JobStore, job_id: str, stem: str, error: str) -> dict:
     result = {"stem": stem, "status": "failed", "error": error}
     jobs.update_stem(job_id, stem, "failed", 1.0, error=error)
@@ -89,14 +81,16 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     duration = float(parameters["duration_seconds"])
     try:
         jobs.update_stem(job_id, stem, "running", 0.0)
-        engine = get_engine(settings.musicgen_model, settings.stemgen_device)
+        batcher = get_batcher(settings)
+        engine = batcher.engine
         prompt = build_stem_prompt(stem, bpm, style=parameters.get("style"),
                                    prompt=parameters.get("prompt"))
         started = time.perf_counter()
-        audio = engine.generate(
-            [prompt], duration + settings.generation_margin_seconds,
-            sampling=sampling_params(parameters, settings), seed=stem_seed(parameters, stem),
-            progress=_ProgressReporter(jobs, job_id, stem, span=0.9))[0]
+        # Stems of one request (and compatible concurrent requests) share one MusicGen call.
+        audio = batcher.generate(
+            prompt, duration + settings.generation_margin_seconds,
+            sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
+            progress=_ProgressReporter(jobs, job_id, stem, span=0.9))
         generation_seconds = time.perf_counter() - started
         rendered = render_stem(audio, engine.sample_rate, bpm=bpm, duration_seconds=duration,
                                beats_per_bar=settings.beats_per_bar,
@@ -124,8 +118,6 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
             log.warning("storage unavailable for %s/%s, retry in %ss: %s", job_id, stem, countdown, exc)
             raise self.retry(exc=exc, countdown=countdown)
         return _failed(jobs, job_id, stem, str(exc))
-    except SoftTimeLimitExceeded:
-        return _failed(jobs, job_id, stem, "generation exceeded the task time limit")
     except Exception as exc:  # the failure becomes the stem's result; see docstring
         log.exception("stem %s of job %s failed", stem, job_id)
         return _failed(jobs, job_id, stem, f"{exc.__class__.__name__}: {exc}")

@@ -1,7 +1,8 @@
 """Worker process hooks: load the model at process start, answer health questions.
 
-- ``worker_process_init``: each pool process loads MusicGen once (tasks.model_cache) and runs a short
-  warm-up generation, so the first request does not pay for loading.
+- ``worker_init`` (threads pool, the default) or ``worker_process_init`` (prefork children): the
+  process loads MusicGen once (tasks.model_cache) and runs a short warm-up generation, so the first
+  request does not pay for loading.
 - ``stemgen_info`` remote-control command: the worker's model and device, for ``GET /health``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from celery.worker.control import inspect_command
 
 from stems.engine import resolve_device
@@ -20,14 +21,26 @@ from tasks.model_cache import get_engine
 log = logging.getLogger(__name__)
 
 
-@worker_process_init.connect
-def _load_model(**_):
+def _load_model() -> None:
     settings = app.stemgen_settings
     if not settings.preload_model:
         return
     engine = get_engine(settings.musicgen_model, settings.stemgen_device)
     engine.warm_up()
     log.info("worker process %s: %s loaded on %s", os.getpid(), settings.musicgen_model, engine.device)
+
+
+@worker_init.connect
+def _load_in_worker(sender=None, **_):
+    # threads/solo pools run tasks in this process: load here, before the worker reports ready.
+    # A prefork pool must not (CUDA does not survive fork): its children load in worker_process_init.
+    if "prefork" not in str(getattr(sender, "pool_cls", "")).lower():
+        _load_model()
+
+
+@worker_process_init.connect
+def _load_in_child(**_):
+    _load_model()
 
 
 @inspect_command(name="stemgen_info")

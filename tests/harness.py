@@ -123,19 +123,18 @@ class Process:
         self._log.close()
 
 
-def start_worker(env: dict[str, str], tmp_path: Path, name: str = "w1", concurrency: int = 1,
-                 timeout: float = 120) -> Process:
-    """A real Celery worker (prefork pool) consuming both queues; returns once it is ready."""
+def start_worker(env: dict[str, str], tmp_path: Path, name: str = "w1", timeout: float = 120) -> Process:
+    """A real Celery worker (threads pool, as configured) consuming both queues; returns once ready."""
     hostname = f"{name}-{uuid.uuid4().hex[:6]}@test"
     worker = Process([str(BIN / "celery"), "-A", "tasks.app", "worker", "-Q", "stems,callbacks",
-                      "--concurrency", str(concurrency), "--hostname", hostname,
+                      "--hostname", hostname,
                       "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
                      env, tmp_path / f"worker-{name}.log")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.proc.poll() is not None:
             raise RuntimeError(f"worker exited:\n{worker.log()}")
-        # The ready line comes after the pool processes have loaded the model (worker_process_init).
+        # The ready line comes after the model was loaded (tasks.worker, worker_init).
         if "ready." in worker.log():
             return worker
         time.sleep(0.25)

@@ -9,7 +9,7 @@ export USER="${USER:-stemgen}"
 VENV=.venv/bin
 mkdir -p var
 
-"$VENV/celery" -A tasks.app worker -Q stems,callbacks --concurrency "${WORKER_CONCURRENCY:-1}" \
+"$VENV/celery" -A tasks.app worker -Q stems,callbacks \
   --loglevel "${LOG_LEVEL:-INFO}" --hostname "stemgen-local@%h" &
 WORKER=$!
 trap 'kill -TERM $WORKER 2>/dev/null; wait $WORKER 2>/dev/null' EXIT INT TERM

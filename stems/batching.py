@@ -1,0 +1,153 @@
+"""Dynamic batching of stem generations that arrive close together.
+
+A GPU (or a many-core CPU) generating one clip at a time leaves most of its throughput unused:
+MusicGen's decoding is one transformer step per token frame, and a batch of B clips costs little more
+per step than one. Callers on different threads (one Celery task per stem, run by a threads pool)
+call ``StemBatcher.generate``; a single generation thread collects the requests that arrive within
+``window_seconds`` (up to ``max_batch``), groups those that can share one ``MusicGen.generate``
+call, and hands each caller its own clip. This is the dynamic batching of inference servers (as in
+NVIDIA Triton's dynamic batcher or TorchServe's batch_size/max_batch_delay).
+
+Requests share a call when they have the same sampling parameters, the same seed and the same
+duration bucket (durations rounded up to ``bucket_seconds``; the batch generates the longest and each
+clip is cut to its own length).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stems.engine import ProgressCallback, SamplingParams, StemEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    prompt: str
+    duration_seconds: float
+    sampling: SamplingParams
+    seed: int | None
+    progress: ProgressCallback | None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters since start: calls to the model and clips generated (clips/calls = mean batch)."""
+
+    calls: int
+    clips: int
+    largest_batch: int
+
+
+class StemBatcher:
+    """Groups concurrent ``generate`` calls into batched MusicGen calls on one thread.
+
+    Args:
+        engine: the loaded model.
+        max_batch: most clips per model call.
+        window_seconds: how long the first request of a batch waits for company.
+        bucket_seconds: duration granularity of a batch (see module doc).
+    """
+
+    def __init__(self, engine: StemEngine, *, max_batch: int = 4, window_seconds: float = 0.05,
+                 bucket_seconds: float = 1.0):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.window_seconds = window_seconds
+        self.bucket_seconds = bucket_seconds
+        self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="stem-batcher", daemon=True)
+        self._thread.start()
+        self._calls = self._clips = self._largest = 0
+
+    def generate(self, prompt: str, duration_seconds: float, *,
+                 sampling: SamplingParams = SamplingParams(), seed: int | None = None,
+                 progress: ProgressCallback | None = None, timeout: float | None = None) -> np.ndarray:
+        """Generate one clip, batched with whatever compatible requests arrive meanwhile.
+
+        Returns:
+            float32 ``[channels, samples]``, ``round(duration_seconds * sample_rate)`` samples.
+
+        Raises:
+            stems.engine.GenerationError (or ValueError) as StemEngine.generate would, for every
+            clip of the failed batch; concurrent.futures.TimeoutError after ``timeout`` seconds.
+        """
+        if duration_seconds <= 0:
+            raise ValueError("duration_seconds must be > 0")
+        pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress)
+        self._queue.put(pending)
+        return pending.future.result(timeout)
+
+    def stats(self) -> BatchStats:
+        return BatchStats(self._calls, self._clips, self._largest)
+
+    # --- generation thread ------------------------------------------------------------------------------
+    def _key(self, item: _Pending) -> tuple:
+        bucket = math.ceil(item.duration_seconds / self.bucket_seconds - 1e-9)
+        return bucket, item.sampling, item.seed
+
+    def _collect(self) -> list[_Pending]:
+        first = self._queue.get()
+        items = [first]
+        deadline = time.monotonic() + self.window_seconds
+        while len(items) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return items
+
+    def _loop(self) -> None:
+        while True:
+            items = self._collect()
+            groups: dict[tuple, list[_Pending]] = {}
+            for item in items:
+                groups.setdefault(self._key(item), []).append(item)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, group: list[_Pending]) -> None:
+        group = [item for item in group if item.future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        duration = max(item.duration_seconds for item in group)
+        callbacks = [item.progress for item in group if item.progress is not None]
+
+        def fan_out(fraction: float) -> None:
+            for callback in callbacks:
+                try:
+                    callback(fraction)
+                except Exception:  # a caller's progress sink must not break the batch
+                    log.exception("progress callback failed")
+
+        try:
+            audio = self.engine.generate([item.prompt for item in group], duration,
+                                         sampling=group[0].sampling, seed=group[0].seed,
+                                         progress=fan_out if callbacks else None)
+        except BaseException as exc:  # every waiting caller gets the failure
+            for item in group:
+                item.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._calls += 1
+        self._clips += len(group)
+        self._largest = max(self._largest, len(group))
+        rate = self.engine.sample_rate
+        for item, clip in zip(group, audio):
+            item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])
