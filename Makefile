@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/audiocraft.txt requirements/cons
 	$(UV) pip install --python $(PY) -r requirements/audiocraft.txt -c requirements/constraints.txt
 	# audiocraft's own pins (torch 2.1, xformers<0.0.23) do not install here; its code runs on the above.
 	$(UV) pip install --python $(PY) --no-deps audiocraft==1.3.0
-	$(UV) pip install --python $(PY) -e '.[dev,bench]' -c requirements/constraints.txt
+	$(UV) pip install --python $(PY) -e '.[dev,bench,monitor]' -c requirements/constraints.txt
 	$(PY) -c "import audiocraft.models, stems.engine, api, tasks.app" 
 	touch $(STAMP)
 
