@@ -8,11 +8,12 @@ constant stretch ratio leaves the beats drifting off any DAW grid. ``conform_to_
    octave of the target), beats by dynamic programming (Ellis 2007, "Beat tracking by dynamic
    programming", J. New Music Research 36(1), as implemented by ``librosa.beat.beat_track``),
    each beat refined to its attack on a 0.5 ms energy envelope and smoothed by robust local
-   quadratic regression, and the downbeat as the bar phase with the strongest low-frequency
-   onsets plus chord changes (beat-synchronous chroma novelty);
+   quadratic regression, and the downbeat as the bar phase with the strongest evidence from
+   kick-band onsets against snare-band onsets, bass-note changes and chord changes
+   (beat-synchronous chroma novelty);
 2. warps so that every beat lands on the target grid: the beat -> grid map is piecewise linear,
    consecutive beats are merged into one segment while a single ratio keeps every beat inside it
-   within ~1 ms of its grid line, and each segment is stretched by Rubber Band (Cannam,
+   within 2 ms of its grid line, and each segment is stretched by Rubber Band (Cannam,
    breakfastquay.com/rubberband, via ``pedalboard.time_stretch``, offline mode, constant ratio)
    with margins, then joined by short crossfades just before the beat attacks;
 3. starts on the first downbeat, trims to whole bars at the target tempo (exact to the sample),
@@ -54,15 +55,16 @@ _ANALYSIS_SR = 22050
 _HOP = 220              # ~10 ms onset-envelope frames
 _N_FFT = 1024           # ~46 ms
 _N_MELS = 64
-_LOW_HZ = 180.0         # "low-frequency" bands for downbeats (kick, bass)
 _FINE_WIN = 44          # 2 ms energy window for attack refinement
 _FINE_HOP = 11          # 0.5 ms
+_CHROMA_N_FFT = 4096    # ~186 ms: semitone resolution down to the bass register
+_CHROMA_HOP = 1024
 _MAX_CHANNELS = 16
 
 # Below this the beat grid is not trusted and one constant ratio is used.
 CONFIDENCE_THRESHOLD = 0.35
 # Segmenting the beat -> grid map: every beat within this of its grid line (seconds, output).
-_SEGMENT_TOLERANCE = 0.001
+_SEGMENT_TOLERANCE = 0.002
 # Rubber Band drifts a few ms over long offline renders; bound each render.
 _MAX_SEGMENT_SECONDS = 3.0
 _XFADE_SECONDS = 0.006   # join between segment renders
@@ -164,18 +166,36 @@ class _Beats:
     downbeat_index: int        # index into `times` of the first downbeat
 
 
-def _onset_features(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Onset envelopes (all bands, low bands) and chroma, frames of _HOP at _ANALYSIS_SR."""
+@dataclass(frozen=True)
+class _Features:
+    env: np.ndarray       # onset strength, all bands, frames of _HOP
+    env_kick: np.ndarray  # onset strength below 125 Hz (kick, bass attacks)
+    env_mid: np.ndarray   # onset strength 150-2000 Hz (snare, claps, chords)
+    bass: np.ndarray      # chroma 30-300 Hz, frames of _CHROMA_HOP
+    chords: np.ndarray    # chroma 200-2000 Hz, frames of _CHROMA_HOP
+
+
+def _onset_features(y: np.ndarray) -> _Features:
+    """Onset envelopes (log-mel spectral flux) and bass/chord chroma of ``y`` at _ANALYSIS_SR."""
     power = np.abs(librosa.stft(y, n_fft=_N_FFT, hop_length=_HOP, center=True)) ** 2
     mel_fb = librosa.filters.mel(sr=_ANALYSIS_SR, n_fft=_N_FFT, n_mels=_N_MELS, fmin=30.0)
     log_mel = librosa.power_to_db(mel_fb @ power, ref=np.max, top_db=80.0)
-    env = librosa.onset.onset_strength(S=log_mel, sr=_ANALYSIS_SR, hop_length=_HOP)
     mel_hz = librosa.mel_frequencies(n_mels=_N_MELS + 2, fmin=30.0, fmax=_ANALYSIS_SR / 2)[1:-1]
-    n_low = max(2, int(np.searchsorted(mel_hz, _LOW_HZ)))
-    env_low = librosa.onset.onset_strength(S=log_mel[:n_low], sr=_ANALYSIS_SR, hop_length=_HOP)
-    chroma_fb = librosa.filters.chroma(sr=_ANALYSIS_SR, n_fft=_N_FFT)
-    chroma = chroma_fb @ power
-    return env, env_low, chroma
+
+    def flux(lo: float, hi: float) -> np.ndarray:
+        bands = (mel_hz >= lo) & (mel_hz < hi)
+        if not bands.any():
+            bands[int(np.argmin(np.abs(mel_hz - lo)))] = True
+        return librosa.onset.onset_strength(S=log_mel[bands], sr=_ANALYSIS_SR, hop_length=_HOP)
+
+    env = librosa.onset.onset_strength(S=log_mel, sr=_ANALYSIS_SR, hop_length=_HOP)
+    # bass notes need ~3 Hz resolution: a long window, on a coarse hop (averaged per beat anyway)
+    long_power = np.abs(librosa.stft(y, n_fft=_CHROMA_N_FFT, hop_length=_CHROMA_HOP, center=True)) ** 2
+    freqs = librosa.fft_frequencies(sr=_ANALYSIS_SR, n_fft=_CHROMA_N_FFT)
+    chroma_fb = librosa.filters.chroma(sr=_ANALYSIS_SR, n_fft=_CHROMA_N_FFT, octwidth=None)
+    bass = chroma_fb @ (long_power * ((freqs >= 30) & (freqs <= 300))[:, None])
+    chords = chroma_fb @ (long_power * ((freqs >= 200) & (freqs <= 2000))[:, None])
+    return _Features(env=env, env_kick=flux(0.0, 125.0), env_mid=flux(150.0, 2000.0), bass=bass, chords=chords)
 
 
 def _moving_average(x: np.ndarray, width: int) -> np.ndarray:
@@ -186,13 +206,14 @@ def _moving_average(x: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def _tempo_from_autocorrelation(env: np.ndarray, target_bpm: float) -> tuple[float, float]:
+def _tempo_from_autocorrelation(env: np.ndarray, target_bpm: float, beats_per_bar: int) -> tuple[float, float]:
     """Tempo (BPM) in the octave of ``target_bpm`` and its pulse clarity (0..1).
 
     The onset envelope minus its 1 s moving average (so slow swells of pads do not look
     periodic) is autocorrelated; each beat lag L in the octave around the target is scored by
-    ac[L] + 0.5 (ac[2L] + ac[L/2]), i.e. supported by bar-level and 8th-level periodicity, which
-    makes half/double tempo collapse onto the octave the prompt asked for.
+    ac[L] + 0.5 (ac[2L] + ac[L/2]) + ac[beats_per_bar * L], i.e. supported by half-note,
+    8th-note and bar periodicity, which makes half/double tempo collapse onto the octave the
+    prompt asked for and rejects 3:4 look-alikes (e.g. 3+3+2 rhythms).
     """
     frame_rate = _ANALYSIS_SR / _HOP
     x = env - _moving_average(env, int(frame_rate))
@@ -212,7 +233,7 @@ def _tempo_from_autocorrelation(env: np.ndarray, target_bpm: float) -> tuple[flo
     def at(lag: np.ndarray) -> np.ndarray:
         return np.interp(lag, np.arange(n), ac, right=0.0)
 
-    score = at(lags) + 0.5 * (at(2.0 * lags) + at(lags / 2.0))
+    score = at(lags) + 0.5 * (at(2.0 * lags) + at(lags / 2.0)) + at(beats_per_bar * lags)
     k = int(np.argmax(score))
     lag = float(lags[k])
     if 0 < k < len(lags) - 1:  # parabolic interpolation of the peak
@@ -253,9 +274,12 @@ def _refine_beats(coarse: np.ndarray, rise: np.ndarray) -> tuple[np.ndarray, np.
         if b - a < 2:
             refined[i], strength[i] = t, 0.0
             continue
-        j = a + int(np.argmax(rise[a:b]))
+        w = rise[a:b]
+        peak = float(w.max())
+        # the earliest strong rise, not the strongest: a strum or flam is heard at its first hit
+        j = a + int(np.argmax(w >= 0.5 * peak)) if peak > 0 else a + int(np.argmax(w))
         refined[i] = (j + 2) * _FINE_HOP / _ANALYSIS_SR + _FINE_WIN / (2 * _ANALYSIS_SR)
-        strength[i] = rise[j]
+        strength[i] = peak
     return refined, strength
 
 
@@ -312,28 +336,76 @@ def _smooth_beats(times: np.ndarray, half_width: int = 4) -> tuple[np.ndarray, n
     return smooth, times - smooth
 
 
-def _downbeat_phase(beat_frames: np.ndarray, env_low: np.ndarray, chroma: np.ndarray,
-                    beats_per_bar: int) -> int:
-    """Bar phase (0..beats_per_bar-1) of the downbeats: strongest low-frequency onsets (kick,
-    bass) and most chord change (beat-synchronous chroma novelty)."""
-    n = len(beat_frames)
-    if beats_per_bar == 1 or n < beats_per_bar:
-        return 0
-    f = np.clip(beat_frames, 0, len(env_low) - 1)
-    low = np.array([env_low[max(0, i - 2): i + 3].max() for i in f])
-    bounds = np.concatenate((f, [chroma.shape[1]]))
+def _beat_sync_novelty(beat_times: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """1 - cosine similarity of the mean chroma of each inter-beat span and the one before."""
+    n = len(beat_times)
+    frames = np.clip(np.round(beat_times * _ANALYSIS_SR / _CHROMA_HOP).astype(int), 0, chroma.shape[1] - 1)
+    bounds = np.concatenate((frames, [chroma.shape[1]]))
     seg = np.stack([chroma[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
     seg = seg / np.maximum(np.linalg.norm(seg, axis=0, keepdims=True), 1e-12)
     novelty = np.zeros(n)
     novelty[1:] = 1.0 - np.sum(seg[:, 1:] * seg[:, :-1], axis=0)
+    return novelty
 
-    def z(v: np.ndarray) -> np.ndarray:
-        s = v.std()
-        return (v - v.mean()) / s if s > 1e-9 else np.zeros_like(v)
 
-    score = z(low) + z(novelty)
-    phases = np.array([score[p::beats_per_bar].mean() for p in range(beats_per_bar)])
-    return int(np.argmax(phases))
+def _downbeat_phase(beat_times: np.ndarray, feats: _Features, beats_per_bar: int) -> int:
+    """Bar phase (0..beats_per_bar-1) of the downbeats.
+
+    Evidence per phase, each as its relative contrast across the phases: kick-band onsets
+    (below 125 Hz) minus half the snare/chord-band onsets (beat 1 carries the kick, the
+    backbeat the snare), bass-note changes and chord changes (beat-synchronous chroma novelty;
+    harmony tends to change on the bar line). Bass novelty counts fully only when it singles out
+    one phase: in a drums-only clip the kick pattern alone makes the bass chroma wobble."""
+    n = len(beat_times)
+    if beats_per_bar == 1 or n < beats_per_bar:
+        return 0
+    f = np.clip(np.round(beat_times * _ANALYSIS_SR / _HOP).astype(int), 0, len(feats.env) - 1)
+
+    def at_beats(env: np.ndarray) -> np.ndarray:
+        return np.array([env[max(0, i - 2): i + 3].max() for i in f])
+
+    def contrast(per_beat: np.ndarray) -> np.ndarray:
+        v = np.array([per_beat[p::beats_per_bar].mean() for p in range(beats_per_bar)])
+        m = v.mean()
+        return (v - m) / m if m > 1e-9 else np.zeros(beats_per_bar)
+
+    bass = contrast(_beat_sync_novelty(beat_times, feats.bass))
+    ranked = np.sort(bass)
+    bass_weight = 2.0 if ranked[-1] > 1.5 and ranked[-2] < 0.3 else 0.5
+    score = (contrast(at_beats(feats.env_kick)) - 0.5 * contrast(at_beats(feats.env_mid))
+             + bass_weight * bass + 0.5 * contrast(_beat_sync_novelty(beat_times, feats.chords)))
+    return int(np.argmax(score))
+
+
+def _consistent_beats(times: np.ndarray) -> np.ndarray:
+    """Walk out from the middle of the beat list; a beat more than 8 % of the local period off
+    the one predicted from its 4 predecessors is replaced when the next beat confirms the
+    prediction (a one-off slip) and otherwise ends the list there (the tracker's guesses at
+    the edges of the clip, where the music or the DP's evidence runs out)."""
+    t = list(np.asarray(times, dtype=float))
+    if len(t) < 8:
+        return np.asarray(t)
+
+    def walk(seq: list[float], start: int) -> list[float]:
+        out = seq[:start]
+        k = start
+        while k < len(seq):
+            local = float(np.median(np.diff(out[-5:])))
+            pred = out[-1] + local
+            if abs(seq[k] - pred) <= 0.08 * local:
+                out.append(seq[k])
+            elif k + 1 < len(seq) and abs(seq[k + 1] - (out[-1] + 2 * local)) <= 0.08 * local:
+                out.append(pred)
+            else:
+                break
+            k += 1
+        return out
+
+    mid = len(t) // 2
+    start = max(5, mid)
+    forward = walk(t, start)
+    backward = walk([-v for v in reversed(forward)], max(5, len(forward) - mid))
+    return np.asarray([-v for v in reversed(backward)])
 
 
 def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_bar: int) -> _Beats | None:
@@ -344,8 +416,9 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
     y = mono.astype(np.float32)
     if sample_rate != _ANALYSIS_SR:
         y = librosa.resample(y, orig_sr=sample_rate, target_sr=_ANALYSIS_SR, res_type="soxr_mq")
-    env, env_low, chroma = _onset_features(y)
-    tempo, clarity = _tempo_from_autocorrelation(env, target_bpm)
+    feats = _onset_features(y)
+    env = feats.env
+    tempo, clarity = _tempo_from_autocorrelation(env, target_bpm, beats_per_bar)
     if clarity <= 0.02 or not np.any(env):
         return None
     _, frames = librosa.beat.beat_track(onset_envelope=env, sr=_ANALYSIS_SR, hop_length=_HOP,
@@ -356,7 +429,7 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
     coarse = frames * _HOP / _ANALYSIS_SR
     rise = _fine_rise(y)
     refined, strength = _refine_beats(coarse, rise)
-    refined = _regularise_beats(np.sort(refined))
+    refined = _consistent_beats(_regularise_beats(np.sort(refined)))
     if len(refined) < 4:
         return None
     smooth, resid = _smooth_beats(refined)
@@ -370,8 +443,7 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
     confidence = float(np.clip(min(1.0, clarity / 0.25) * (0.5 * attack_share + 0.5 * regularity), 0.0, 1.0))
     slope = np.polyfit(np.arange(len(smooth)), smooth, 1)[0]
     source_bpm = 60.0 / slope if slope > 0 else tempo
-    beat_frames = np.round(smooth * _ANALYSIS_SR / _HOP).astype(int)
-    phase = _downbeat_phase(beat_frames, env_low, chroma, beats_per_bar)
+    phase = _downbeat_phase(smooth, feats, beats_per_bar)
     return _Beats(times=smooth, source_bpm=float(source_bpm), confidence=confidence, downbeat_index=phase)
 
 
