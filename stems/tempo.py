@@ -126,8 +126,12 @@ class ConformResult:
 
 
 def _validated_audio(audio: np.ndarray) -> np.ndarray:
+    raw = np.asarray(audio)
+    scale = 1.0
+    if raw.dtype.kind in "iu":  # PCM integers: full scale -> 1.0
+        scale = 1.0 / float(2 ** (8 * raw.dtype.itemsize - 1))
     try:
-        arr = np.asarray(audio, dtype=np.float64)
+        arr = np.asarray(raw, dtype=np.float64) * scale
     except (TypeError, ValueError) as exc:
         raise TempoError(f"audio must be a numeric array: {exc}") from exc
     if arr.ndim == 1:
@@ -428,7 +432,7 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
         return None
     coarse = frames * _HOP / _ANALYSIS_SR
     rise = _fine_rise(y)
-    refined, strength = _refine_beats(coarse, rise)
+    refined, _ = _refine_beats(coarse, rise)
     refined = _consistent_beats(_regularise_beats(np.sort(refined)))
     if len(refined) < 4:
         return None
@@ -436,11 +440,13 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
     period = float(np.median(np.diff(smooth)))
     if period <= 0:
         return None
-    # confidence: periodicity of the onset envelope, beats that sit on clear attacks, and beats
-    # that follow a smooth tempo curve
-    attack_share = float(np.mean(strength > 0.3))  # > 3 dB energy jump within 2 ms
+    # confidence: a periodic onset envelope, beats on real attacks (average log-mel flux above
+    # 2 dB: drums, plucks and strums reach 5-20 dB, pads, drones, tremolo and noise stay near 1),
+    # and beats that follow a smooth tempo curve
+    at_beats = np.array([env[max(0, i - 2): i + 3].max() for i in np.clip(frames, 0, len(env) - 1)])
+    onset_share = float(np.mean(at_beats > 2.0))
     regularity = float(np.mean(np.abs(resid) < 0.04 * period))
-    confidence = float(np.clip(min(1.0, clarity / 0.25) * (0.5 * attack_share + 0.5 * regularity), 0.0, 1.0))
+    confidence = float(np.clip(min(1.0, clarity / 0.25) * onset_share * (0.5 + 0.5 * regularity), 0.0, 1.0))
     slope = np.polyfit(np.arange(len(smooth)), smooth, 1)[0]
     source_bpm = 60.0 / slope if slope > 0 else tempo
     phase = _downbeat_phase(smooth, feats, beats_per_bar)
