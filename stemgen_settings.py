@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Azurite's well-known development account (public, documented by Microsoft).
@@ -83,13 +83,29 @@ class Settings(BaseSettings):
     default_callback_url: str = ""
     #: HMAC-SHA256 key for the X-Stemgen-Signature header; empty = unsigned.
     callback_secret: str = ""
-    callback_timeout_seconds: float = 10.0
-    callback_max_retries: int = 8
-    #: First retry delay; doubles each retry up to callback_backoff_max_seconds (Celery's retry_backoff).
-    callback_backoff_seconds: int = 2
-    callback_backoff_max_seconds: int = 600
+    #: TCP connect timeout of one delivery attempt, seconds.
+    callback_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: Read timeout of one delivery attempt (longest wait for the answer's first bytes), seconds.
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: How long a callback keeps being retried after its first attempt, seconds; then it is failed.
+    callback_delivery_window_seconds: int = Field(default=6 * 3600, ge=0)
+    #: First retry delay; doubles each retry up to callback_backoff_max_seconds. A waiting retry is
+    #: an unacknowledged broker message, so the maximum must stay below the Redis
+    #: visibility_timeout_seconds (and below RabbitMQ's consumer_timeout, 30 min by default).
+    callback_backoff_seconds: int = Field(default=2, ge=1)
+    callback_backoff_max_seconds: int = Field(default=600, ge=1)
+    #: SSRF guard: callback hosts must resolve to public addresses, except these. Comma-separated
+    #: host names ("backend.internal", "*.svc.cluster.local") whose addresses are trusted ...
+    callback_allowed_hosts: str = ""
+    #: ... and comma-separated networks that may be called though not public ("10.20.0.0/16").
+    callback_allowed_networks: str = ""
+    #: Allow loopback callbacks (127.0.0.0/8, ::1): local development and tests only.
+    callback_allow_loopback: bool = False
 
     # --- gateway ---------------------------------------------------------------------------------------
+    #: Comma-separated API keys; callers send one as "Authorization: Bearer <key>" or "X-API-Key".
+    #: Empty = the API is open (a warning is logged at start-up).
+    stemgen_api_keys: str = ""
     #: Base of the status URLs returned to callers; empty = derived from the request.
     public_base_url: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -108,6 +124,23 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _retries_fit_visibility_timeout(self) -> "Settings":
+        # A retry waiting for its countdown is an unacknowledged message: on Redis it would be handed
+        # to a second worker once it is older than the visibility timeout.
+        if self.callback_backoff_max_seconds >= self.visibility_timeout_seconds:
+            raise ValueError("CALLBACK_BACKOFF_MAX_SECONDS must be below VISIBILITY_TIMEOUT_SECONDS")
+        return self
+
+    @staticmethod
+    def split_list(value: str) -> list[str]:
+        """Items of a comma-separated setting, stripped, empty ones dropped."""
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    @property
+    def api_keys(self) -> list[str]:
+        return self.split_list(self.stemgen_api_keys)
 
 
 def load_settings(**overrides) -> Settings:

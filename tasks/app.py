@@ -22,7 +22,15 @@ def celery_config(settings: Settings) -> dict:
     - ``worker_prefetch_multiplier=1``: a worker holds one task at a time, so a long generation does
       not sit on messages another worker could run.
     - ``visibility_timeout`` (Redis broker) above the longest task, so a running task is not handed
-      to a second worker.
+      to a second worker. Messages of a worker that died (SIGKILL, OOM, lost node) come back to the
+      queue only once they are that old: a Redis deployment trades recovery time for that margin.
+      RabbitMQ requeues them as soon as the dead worker's connection closes. Live workers sweep for
+      such messages every ``unacked_restore_interval`` seconds (kombu scans only every
+      ``unacked_restore_throttle``-th sweep; 1 = every sweep).
+    - waiting retries (countdown/ETA) are unacknowledged messages too, so their countdowns stay
+      below the visibility timeout (stemgen_settings validates the callback backoff).
+    - the broker connection is retried forever, and result-backend writes are retried on
+      connection errors, so a broker or Redis restart pauses work instead of failing it.
     - a threads pool: concurrent stem tasks of one worker share the loaded model and are batched into
       one MusicGen call (tasks.model_cache.get_batcher); prefetch is then ``worker_concurrency``.
     """
@@ -38,7 +46,12 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds,
+                                     "unacked_restore_interval": 10,
+                                     "unacked_restore_throttle": 1},
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
         "task_default_queue": CALLBACKS_QUEUE,
         "task_queues": (Queue(STEMS_QUEUE), Queue(CALLBACKS_QUEUE)),

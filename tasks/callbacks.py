@@ -6,6 +6,9 @@ is the ``X-Stemgen-Timestamp`` header (Unix seconds) and ``body`` the exact requ
 receiver recomputes it, compares in constant time, and rejects old timestamps (replays).
 ``X-Stemgen-Event-Id`` is stable across retries of one callback, for the receiver's de-duplication.
 Retries with backoff are Celery's (see tasks.stem_tasks.deliver_callback), not a loop here.
+
+Where a callback may go is tasks.callback_target's business (the SSRF guard); redirects are not
+followed (a 3xx is a refusal), so an allowed URL cannot bounce the POST to a private address.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ import json
 import time
 
 import requests
+
+from tasks.callback_target import (
+    CallbackHostUnresolvable,
+    CallbackPolicy,
+    UnsafeCallbackURL,
+    check_url,
+    guarded_session,
+)
 
 SIGNATURE_HEADER = "X-Stemgen-Signature"
 TIMESTAMP_HEADER = "X-Stemgen-Timestamp"
@@ -29,6 +40,10 @@ class CallbackError(RuntimeError):
 
 class CallbackRetryableError(CallbackError):
     """The callback failed in a way worth retrying (connection error, timeout, 5xx, 408, 429)."""
+
+
+class CallbackRefused(CallbackError):
+    """The callback URL is not allowed (tasks.callback_target); nothing was sent."""
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -53,26 +68,49 @@ def encode_body(payload: dict) -> bytes:
 
 
 def post_callback(url: str, payload: dict, *, event_id: str, secret: str = "",
-                  timeout_seconds: float = 10.0, session: requests.Session | None = None) -> int:
+                  timeout_seconds: float = 10.0, connect_timeout_seconds: float | None = None,
+                  policy: CallbackPolicy | None = None, session: requests.Session | None = None) -> int:
     """POST one callback. Returns the HTTP status on 2xx.
 
+    Args:
+        timeout_seconds: read timeout (and connect timeout unless ``connect_timeout_seconds``).
+        policy: the SSRF guard: the URL is checked now and the connected address again; None sends
+            anywhere (tests, trusted URLs).
+
     Raises:
-        CallbackRetryableError: connection error, timeout, 5xx, 408 or 429.
-        CallbackError: any other non-2xx answer (the receiver rejected the body; retrying won't help).
+        CallbackRetryableError: connection error, timeout, DNS failure, 5xx, 408 or 429.
+        CallbackRefused: the policy does not allow the URL or the address it connected to.
+        CallbackError: any other non-2xx answer, 3xx included (the receiver rejected the body;
+            retrying won't help).
     """
+    if policy is not None:
+        try:
+            check_url(url, policy)
+        except CallbackHostUnresolvable as exc:
+            raise CallbackRetryableError(str(exc)) from exc
+        except UnsafeCallbackURL as exc:
+            raise CallbackRefused(str(exc)) from exc
+    own_session = session is None and policy is not None
+    http = guarded_session(policy) if own_session else (session or requests)
     body = encode_body(payload)
     timestamp = str(int(time.time()))
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                EVENT_ID_HEADER: event_id, TIMESTAMP_HEADER: timestamp}
     if secret:
         headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
-    http = session or requests
+    timeout = (connect_timeout_seconds or timeout_seconds, timeout_seconds)
     try:
-        response = http.post(url, data=body, headers=headers, timeout=timeout_seconds,
-                             allow_redirects=False)
+        # stream: only the status line and headers are read; the receiver's body is not our business.
+        with http.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False,
+                       stream=True) as response:
+            status = response.status_code
+    except UnsafeCallbackURL as exc:
+        raise CallbackRefused(str(exc)) from exc
     except requests.RequestException as exc:
         raise CallbackRetryableError(f"callback to {url} failed: {exc.__class__.__name__}: {exc}") from exc
-    status = response.status_code
+    finally:
+        if own_session:
+            http.close()
     if 200 <= status < 300:
         return status
     message = f"callback to {url} answered HTTP {status}"

@@ -3,6 +3,17 @@
 One hash per job (``stemgen:job:{job_id}``) plus one key per ``generation_request_id`` that makes
 submission idempotent (``SET NX``). Both live in the Redis of the Celery result backend and expire
 after ``job_ttl_seconds``.
+
+Every step that must happen once is a Redis state transition, because every Celery task here may run
+twice (``acks_late``: a task whose worker died is delivered again):
+
+- ``create``: the job record and its idempotency claim are written in one script, so no claim ever
+  points at a missing record (a claim whose record is gone is replaced);
+- ``claim_enqueue``: of concurrent identical submissions, one sends the chord;
+- ``finish``: the first final state and callback body win;
+- ``mark_delivery_enqueued``: finalize hands the callback to delivery once;
+- ``acquire_delivery_lock``: one delivery attempt at a time, so two copies of the delivery task
+  cannot both POST; the delivered state is checked under the lock.
 """
 
 from __future__ import annotations
@@ -20,6 +31,38 @@ JOB_STATES = ("queued", "running", "completed", "failed", "partial")
 DELIVERY_STATES = ("none", "pending", "delivering", "delivered", "failed")
 
 _PREFIX = "stemgen"
+
+# KEYS: request key, new job key. ARGV: claim JSON, ttl, job key prefix, then the record's fields.
+# An existing claim wins while its record exists; a claim whose record is gone is replaced.
+_CREATE = """
+local claim = redis.call('GET', KEYS[1])
+if claim then
+  local ok, existing = pcall(cjson.decode, claim)
+  if ok and type(existing) == 'table' and existing['job_id']
+     and redis.call('EXISTS', ARGV[3] .. existing['job_id']) == 1 then
+    return claim
+  end
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+# KEYS: job key. ARGV: field/value pairs. Sets them only when the job exists and is not finished.
+_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS: lock key. ARGV: token. Deletes the lock only when this token still holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class JobNotFound(KeyError):
@@ -64,6 +107,9 @@ class JobStore:
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
                                            socket_connect_timeout=5, health_check_interval=30)
         self.ttl = ttl_seconds
+        self._create = self._redis.register_script(_CREATE)
+        self._finish = self._redis.register_script(_FINISH)
+        self._release = self._redis.register_script(_RELEASE)
 
     # --- keys -------------------------------------------------------------------------------------
     @staticmethod
@@ -73,6 +119,14 @@ class JobStore:
     @staticmethod
     def _request_key(generation_request_id: str) -> str:
         return f"{_PREFIX}:request:{generation_request_id}"
+
+    @staticmethod
+    def _enqueue_key(job_id: str) -> str:
+        return f"{_PREFIX}:enqueue:{job_id}"
+
+    @staticmethod
+    def _delivery_lock_key(job_id: str) -> str:
+        return f"{_PREFIX}:delivery-lock:{job_id}"
 
     # --- writes -----------------------------------------------------------------------------------
     def create(self, request: dict, stems: list[str], callback_url: str | None) -> Submission:
@@ -85,11 +139,6 @@ class JobStore:
         job_id = uuid.uuid4().hex
         request_key = self._request_key(request["generation_request_id"])
         claim = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
-        if not self._redis.set(request_key, claim, nx=True, ex=self.ttl):
-            existing = json.loads(self._redis.get(request_key) or "{}")
-            if existing.get("fingerprint") != fingerprint:
-                raise IdempotencyConflict(request["generation_request_id"], existing.get("job_id", ""))
-            return Submission(existing["job_id"], created=False)
         now = time.time()
         fields = {
             "job_id": job_id,
@@ -106,16 +155,32 @@ class JobStore:
         }
         for stem in stems:
             fields[f"stem:{stem}"] = json.dumps({"stem": stem, "status": "queued", "progress": 0.0})
-        key = self._job_key(job_id)
-        with self._redis.pipeline() as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.ttl)
-            pipe.execute()
-        return Submission(job_id, created=True)
+        pairs = [str(item) for kv in fields.items() for item in kv]
+        existing = self._create(keys=[request_key, self._job_key(job_id)],
+                                args=[claim, self.ttl, self._job_key(""), *pairs])
+        if existing is None:
+            return Submission(job_id, created=True)
+        existing = json.loads(existing)
+        if existing.get("fingerprint") != fingerprint:
+            raise IdempotencyConflict(request["generation_request_id"], existing.get("job_id", ""))
+        return Submission(existing["job_id"], created=False)
+
+    def claim_enqueue(self, job_id: str, seconds: int = 60) -> bool:
+        """True for the one caller that may send the job's chord now (others see False for
+        ``seconds``, after which a caller that died while enqueueing is presumed dead)."""
+        return bool(self._redis.set(self._enqueue_key(job_id), 1, nx=True, ex=seconds))
+
+    def release_enqueue(self, job_id: str) -> None:
+        """Give the enqueue claim back (the chord could not be sent)."""
+        self._redis.delete(self._enqueue_key(job_id))
 
     def mark_enqueued(self, job_id: str) -> None:
         """Note that the job's Celery chord was sent to the broker."""
         self._redis.hset(self._job_key(job_id), "enqueued", 1)
+
+    def count_run(self, job_id: str, stem: str) -> int:
+        """Count one generation of a stem (more than one: a task was delivered again)."""
+        return int(self._redis.hincrby(self._job_key(job_id), f"runs:{stem}", 1))
 
     def update_stem(self, job_id: str, stem: str, status: str, progress: float, **extra) -> None:
         """Set a stem's state and progress (0..1); ``extra`` keys (url, error, ...) are merged in."""
@@ -135,22 +200,57 @@ class JobStore:
                 "if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
                 "redis.call('HSET', KEYS[1], 'state', 'running') end", 1, key)
 
-    def finish(self, job_id: str, state: str, callback_payload: dict) -> None:
-        """Record the job's final state and the callback body that reports it."""
+    def finish(self, job_id: str, state: str, callback_payload: dict) -> bool:
+        """Record the job's final state and the callback body that reports it, once: returns
+        False (and changes nothing) when the job was already finished or does not exist."""
         if state not in JOB_STATES:
             raise ValueError(f"unknown job state {state!r}")
-        self._redis.hset(self._job_key(job_id), mapping={
-            "state": state, "finished_at": time.time(), "updated_at": time.time(),
-            "callback_payload": json.dumps(callback_payload)})
+        now = time.time()
+        fields = {"state": state, "finished_at": now, "updated_at": now,
+                  "callback_payload": json.dumps(callback_payload)}
+        pairs = [str(item) for kv in fields.items() for item in kv]
+        return bool(self._finish(keys=[self._job_key(job_id)], args=pairs))
+
+    def mark_delivery_enqueued(self, job_id: str) -> None:
+        """Note that the delivery task was sent (finalize, run again, does not send another)."""
+        self._redis.hset(self._job_key(job_id), "delivery_enqueued", 1)
+
+    def acquire_delivery_lock(self, job_id: str, seconds: float) -> str | None:
+        """A token when this caller may attempt the job's delivery now, None while another attempt
+        holds the lock. The lock lapses after ``seconds`` (longer than one attempt can take)."""
+        token = uuid.uuid4().hex
+        ok = self._redis.set(self._delivery_lock_key(job_id), token, nx=True,
+                             px=max(1, int(seconds * 1000)))
+        return token if ok else None
+
+    def release_delivery_lock(self, job_id: str, token: str) -> None:
+        self._release(keys=[self._delivery_lock_key(job_id)], args=[token])
+
+    def start_delivery_attempt(self, job_id: str) -> tuple[int, float]:
+        """Count a delivery attempt and mark the delivery as in progress; returns the attempt number
+        and the time of the first attempt (the start of the delivery window)."""
+        key, now = self._job_key(job_id), time.time()
+        with self._redis.pipeline() as pipe:
+            pipe.hincrby(key, "delivery_attempts", 1)
+            pipe.hsetnx(key, "delivery_started_at", now)
+            pipe.hget(key, "delivery_started_at")
+            pipe.hset(key, mapping={"delivery_state": "delivering", "updated_at": now})
+            attempts, _, started, _ = pipe.execute()
+        return int(attempts), float(started)
 
     def update_delivery(self, job_id: str, state: str, *, attempts: int | None = None,
-                        error: str = "") -> None:
-        """Record the callback delivery state (pending, delivering, delivered, failed)."""
+                        error: str = "", next_attempt_at: float | None = None) -> None:
+        """Record the callback delivery state (pending, delivering, delivered, failed) and, while
+        pending, when the next attempt is due."""
         if state not in DELIVERY_STATES:
             raise ValueError(f"unknown delivery state {state!r}")
-        fields: dict = {"delivery_state": state, "delivery_error": error, "updated_at": time.time()}
+        now = time.time()
+        fields: dict = {"delivery_state": state, "delivery_error": error, "updated_at": now,
+                        "delivery_next_at": next_attempt_at or ""}
         if attempts is not None:
             fields["delivery_attempts"] = attempts
+        if state == "delivered":
+            fields["delivered_at"] = now
         self._redis.hset(self._job_key(job_id), mapping=fields)
 
     # --- reads --------------------------------------------------------------------------------------
@@ -165,8 +265,20 @@ class JobStore:
             raise JobNotFound(job_id)
         stems = json.loads(raw["stems"])
         stem_states = [json.loads(raw[f"stem:{s}"]) for s in stems]
+        for state in stem_states:
+            if raw.get(f"runs:{state['stem']}"):
+                state["runs"] = int(raw[f"runs:{state['stem']}"])
         progress = sum(s.get("progress", 0.0) for s in stem_states) / max(len(stem_states), 1)
         request = json.loads(raw["request"])
+        callback = {
+            "url": raw.get("callback_url") or None,
+            "state": raw.get("delivery_state", "none"),
+            "attempts": int(raw.get("delivery_attempts", 0)),
+            "error": raw.get("delivery_error") or None,
+        }
+        for field, name in (("delivery_next_at", "next_attempt_at"), ("delivered_at", "delivered_at")):
+            if raw.get(field):
+                callback[name] = float(raw[field])
         return {
             "job_id": raw["job_id"],
             "generation_request_id": request["generation_request_id"],
@@ -177,14 +289,10 @@ class JobStore:
             "updated_at": float(raw["updated_at"]),
             "finished_at": float(raw["finished_at"]) if raw.get("finished_at") else None,
             "stems": stem_states,
-            "callback": {
-                "url": raw.get("callback_url") or None,
-                "state": raw.get("delivery_state", "none"),
-                "attempts": int(raw.get("delivery_attempts", 0)),
-                "error": raw.get("delivery_error") or None,
-            },
+            "callback": callback,
             "request": request,
             "enqueued": raw.get("enqueued") == "1",
+            "delivery_enqueued": raw.get("delivery_enqueued") == "1",
             "callback_payload": json.loads(raw["callback_payload"]) if raw.get("callback_payload") else None,
         }
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+import redis
 from celery import chord
+from kombu.exceptions import OperationalError
 
 from stemgen_settings import Settings
 from storage import StorageError, store_from_settings
@@ -13,6 +16,16 @@ from tasks.app import app as celery_app
 from tasks.jobstore import JobStore, Submission
 
 log = logging.getLogger(__name__)
+
+#: How long a submission waits for a concurrent identical one to enqueue the job.
+_ENQUEUE_WAIT_SECONDS = 3.0
+
+#: What the broker and the job store raise when they cannot be reached.
+_UNREACHABLE = (redis.RedisError, OperationalError, ConnectionError, TimeoutError)
+
+
+class ServiceUnavailable(RuntimeError):
+    """The broker or the job store cannot be reached; the caller may retry the same request."""
 
 
 def enqueue_job(job_id: str, request: dict, stems: list[str]) -> None:
@@ -46,23 +59,51 @@ class JobService:
     def submit(self, request: dict, callback_url: str | None) -> Submission:
         """Record the job and enqueue its chord; a repeated identical request returns the same job.
 
-        ``request`` is the validated request as plain JSON data.
+        ``request`` is the validated request as plain JSON data. A job recorded by an earlier call
+        that failed (or died) before its chord reached the broker is enqueued by the next identical
+        call; of concurrent identical calls only one enqueues (JobStore.claim_enqueue).
 
         Raises:
             tasks.jobstore.IdempotencyConflict: same generation_request_id, different body.
-            redis.RedisError / kombu errors: the job store or broker is unreachable.
+            ServiceUnavailable: the job store or broker is unreachable (retry the same request).
         """
         stems = list(dict.fromkeys(request["target_stems"]))
-        submission = self.jobs.create(request, stems, callback_url)
-        # A job recorded by an earlier call that died before enqueueing is enqueued now.
-        if submission.created or not self.jobs.get(submission.job_id)["enqueued"]:
-            enqueue_job(submission.job_id, request, stems)
-            self.jobs.mark_enqueued(submission.job_id)
+        try:
+            submission = self.jobs.create(request, stems, callback_url)
+            if submission.created or not self.jobs.get(submission.job_id)["enqueued"]:
+                self._enqueue_once(submission.job_id, request, stems)
+        except _UNREACHABLE as exc:
+            raise ServiceUnavailable(f"job store or broker unreachable: {exc.__class__.__name__}") from exc
         return submission
 
+    def _enqueue_once(self, job_id: str, request: dict, stems: list[str]) -> None:
+        if not self.jobs.claim_enqueue(job_id):
+            # Another call is sending this job's chord: wait for it, briefly. If it does not finish
+            # (broker down, or it died), the caller is told to retry rather than told "queued".
+            deadline = time.monotonic() + _ENQUEUE_WAIT_SECONDS
+            while time.monotonic() < deadline:
+                if self.jobs.get(job_id)["enqueued"]:
+                    return
+                time.sleep(0.05)
+            raise ServiceUnavailable("the job is being enqueued by another request; retry")
+        try:
+            enqueue_job(job_id, request, stems)
+        except BaseException:
+            self.jobs.release_enqueue(job_id)
+            raise
+        self.jobs.mark_enqueued(job_id)
+        self.jobs.release_enqueue(job_id)
+
     def get(self, job_id: str) -> dict:
-        """The job record (raises tasks.jobstore.JobNotFound)."""
-        return self.jobs.get(job_id)
+        """The job record.
+
+        Raises:
+            tasks.jobstore.JobNotFound. ServiceUnavailable: the job store is unreachable.
+        """
+        try:
+            return self.jobs.get(job_id)
+        except _UNREACHABLE as exc:
+            raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
 
     # --- health ---------------------------------------------------------------------------------------
     def broker_health(self) -> ComponentHealth:

@@ -17,8 +17,9 @@ from stems.prompts import build_stem_prompt
 from stems.render import render_stem
 from storage import StorageUnavailable, blob_name_for, store_from_settings
 from tasks.app import app
+from tasks.callback_target import CallbackPolicy
 from tasks.callbacks import CallbackRetryableError, CallbackError, post_callback
-from tasks.jobstore import JobStore
+from tasks.jobstore import JobNotFound, JobStore
 from tasks.model_cache import get_batcher
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     bpm = float(parameters["target_bpm"])
     duration = float(parameters["duration_seconds"])
     try:
+        jobs.count_run(job_id, stem)
         jobs.update_stem(job_id, stem, "running", 0.0)
         batcher = get_batcher(settings)
         engine = batcher.engine
@@ -113,8 +115,11 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
         return result
     except StorageUnavailable as exc:
         if self.request.retries < self.max_retries:
-            countdown = get_exponential_backoff_interval(factor=5, retries=self.request.retries,
-                                                         maximum=120, full_jitter=True)
+            # A retry waiting for its countdown is an unacknowledged message: keep it well inside
+            # the Redis visibility timeout, or a second worker would get it too.
+            countdown = get_exponential_backoff_interval(
+                factor=5, retries=self.request.retries, full_jitter=True,
+                maximum=min(120, settings.visibility_timeout_seconds // 2))
             log.warning("storage unavailable for %s/%s, retry in %ss: %s", job_id, stem, countdown, exc)
             raise self.retry(exc=exc, countdown=countdown)
         return _failed(jobs, job_id, stem, str(exc))
@@ -147,42 +152,94 @@ def callback_payload(job: dict, results: list[dict], state: str) -> dict:
 
 @app.task(bind=True, name="stemgen.finalize_request")
 def finalize_request(self, results: list[dict], job_id: str) -> dict:
-    """Chord body: record the job's final state, then hand the callback to deliver_callback."""
+    """Chord body: record the job's final state, then hand the callback to deliver_callback.
+
+    Safe to run again (a redelivered message, a second chord of the same job): the first final
+    state wins (JobStore.finish) and the delivery is sent once (``delivery_enqueued``). A run that
+    died between sending the delivery and noting it sends a second one, which deliver_callback's
+    lock and state check make harmless.
+    """
     jobs = job_store(self.app)
     job = jobs.get(job_id)
     state = job_state(results)
-    payload = callback_payload(job, results, state)
-    jobs.finish(job_id, state, payload)
-    if job["callback"]["url"]:
+    if not jobs.finish(job_id, state, callback_payload(job, results, state)):
+        log.info("job %s was already finished; keeping its first result", job_id)
+    job = jobs.get(job_id)
+    if job["callback"]["url"] and not job["delivery_enqueued"]:
         deliver_callback.delay(job_id)
-    return {"job_id": job_id, "status": state}
+        jobs.mark_delivery_enqueued(job_id)
+    return {"job_id": job_id, "status": job["status"]}
+
+
+def delivery_countdown(settings, attempts: int, elapsed_seconds: float) -> float | None:
+    """Seconds until the next delivery attempt after ``attempts`` failed ones, or None when the
+    delivery window (counted from the first attempt) is used up. Doubling from
+    callback_backoff_seconds up to callback_backoff_max_seconds; the last attempt falls at the end
+    of the window."""
+    remaining = settings.callback_delivery_window_seconds - elapsed_seconds
+    if remaining <= 0:
+        return None
+    backoff = get_exponential_backoff_interval(
+        factor=settings.callback_backoff_seconds, retries=max(0, attempts - 1),
+        maximum=settings.callback_backoff_max_seconds, full_jitter=False)
+    return max(1.0, min(float(backoff), remaining))
+
+
+def delivery_lock_seconds(settings) -> float:
+    """Longer than one attempt can take: DNS, connect, read, bookkeeping."""
+    return settings.callback_connect_timeout_seconds + settings.callback_timeout_seconds + 30
 
 
 @app.task(bind=True, name="stemgen.deliver_callback", max_retries=None)
 def deliver_callback(self, job_id: str) -> str:
-    """POST the job's callback; retried with exponential backoff on connection errors, timeouts and
-    5xx answers, up to ``callback_max_retries``; then the delivery is marked failed."""
+    """POST the job's callback; on connection errors, timeouts, 5xx, 408 and 429 retried with
+    exponential backoff for ``callback_delivery_window_seconds``, then marked failed.
+
+    At most one attempt per job runs at a time (a Redis lock), and the delivered/failed state is
+    checked under it, so copies of this task (a redelivered message, a finalize that ran twice)
+    cannot POST a second time after a success. A copy that finds the lock taken tries again after
+    the lock's lifetime, in case the holder's worker died mid-attempt.
+    """
     settings = self.app.stemgen_settings
     jobs = job_store(self.app)
-    job = jobs.get(job_id)
-    if job["callback"]["state"] == "delivered":
-        return "delivered"
-    attempts = job["callback"]["attempts"] + 1
-    jobs.update_delivery(job_id, "delivering", attempts=attempts)
+    lock_seconds = delivery_lock_seconds(settings)
+    token = jobs.acquire_delivery_lock(job_id, lock_seconds)
+    if token is None:
+        # (The wait stays inside the visibility timeout: a waiting retry is an unacked message.)
+        raise self.retry(countdown=min(lock_seconds, settings.visibility_timeout_seconds / 2))
+    try:
+        return _attempt_delivery(self, settings, jobs, job_id)
+    finally:
+        jobs.release_delivery_lock(job_id, token)
+
+
+def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
+    try:
+        job = jobs.get(job_id)
+    except JobNotFound:
+        log.warning("callback of job %s not sent: the job record is gone", job_id)
+        return "gone"
+    if job["callback"]["state"] in ("delivered", "failed"):
+        return job["callback"]["state"]
+    attempts, started_at = jobs.start_delivery_attempt(job_id)
     try:
         post_callback(job["callback"]["url"], job["callback_payload"], event_id=job_id,
                       secret=settings.callback_secret,
-                      timeout_seconds=settings.callback_timeout_seconds)
+                      timeout_seconds=settings.callback_timeout_seconds,
+                      connect_timeout_seconds=settings.callback_connect_timeout_seconds,
+                      policy=CallbackPolicy.from_settings(settings))
     except CallbackRetryableError as exc:
-        if self.request.retries >= settings.callback_max_retries:
+        countdown = delivery_countdown(settings, attempts, time.time() - started_at)
+        if countdown is None:
+            log.error("callback of job %s failed for good after %d attempts: %s", job_id, attempts, exc)
             jobs.update_delivery(job_id, "failed", error=str(exc))
             return "failed"
-        jobs.update_delivery(job_id, "pending", error=str(exc))
-        countdown = get_exponential_backoff_interval(
-            factor=settings.callback_backoff_seconds, retries=self.request.retries,
-            maximum=settings.callback_backoff_max_seconds, full_jitter=False)
-        raise self.retry(exc=exc, countdown=countdown)
+        jobs.update_delivery(job_id, "pending", error=str(exc), next_attempt_at=time.time() + countdown)
+        log.warning("callback of job %s: attempt %d failed, next in %.0fs: %s",
+                    job_id, attempts, countdown, exc)
+        raise task.retry(exc=exc, countdown=countdown)
     except CallbackError as exc:
+        log.error("callback of job %s refused: %s", job_id, exc)
         jobs.update_delivery(job_id, "failed", error=str(exc))
         return "failed"
     jobs.update_delivery(job_id, "delivered")

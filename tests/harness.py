@@ -36,9 +36,12 @@ class CallbackReceiver:
     """HTTP server on 127.0.0.1 that records every POST (headers and JSON body).
 
     ``status_codes`` (a list) answers the first requests with those codes, then 200.
+    ``port`` binds a given port (to bring a receiver back where a stopped one was);
+    ``delay_seconds`` holds every answer that long (a slow backend).
     """
 
-    def __init__(self, status_codes: list[int] | None = None):
+    def __init__(self, status_codes: list[int] | None = None, port: int = 0,
+                 delay_seconds: float = 0.0):
         self.received: "queue.Queue[dict]" = queue.Queue()
         self.status_codes = list(status_codes or [])
         receiver = self
@@ -46,6 +49,7 @@ class CallbackReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                time.sleep(delay_seconds)
                 status = receiver.status_codes.pop(0) if receiver.status_codes else 200
                 receiver.received.put({"path": self.path, "headers": dict(self.headers),
                                        "raw": body, "json": json.loads(body or b"null"),
@@ -57,7 +61,7 @@ class CallbackReceiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -93,6 +97,8 @@ def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         "STEMGEN_CACHE_DIR": str(tmp_path / "cache"),
         "CALLBACK_SECRET": "test-secret",
         "CALLBACK_BACKOFF_SECONDS": "1",
+        # The receiver listens on loopback, which the SSRF guard refuses unless allowed.
+        "CALLBACK_ALLOW_LOOPBACK": "true",
         "USER": env.get("USER", "stemgen"),
         "PYTHONUNBUFFERED": "1",
     })
