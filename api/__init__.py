@@ -21,10 +21,15 @@ def create_app(settings: Settings | None = None, service=None) -> Flask:
         settings: defaults to the environment's settings.
         service: the task-layer facade (``tasks.service.JobService``); tests may pass a fake.
     """
+    from api import auth
     from api.errors import register_error_handlers
     from api.routes import generate_bp, health_bp, jobs_bp, openapi_bp
+    from tasks.callback_target import CallbackPolicy
 
     settings = settings or load_settings()
+    policy = CallbackPolicy.from_settings(settings)
+    if settings.default_callback_url:
+        _check_default_callback_url(settings.default_callback_url, policy)
     if service is None:
         from tasks.service import JobService
 
@@ -34,7 +39,22 @@ def create_app(settings: Settings | None = None, service=None) -> Flask:
     app.json.sort_keys = False
     app.extensions["stemgen.settings"] = settings
     app.extensions["stemgen.service"] = service
+    app.extensions["stemgen.callback_policy"] = policy
     for bp in (generate_bp, jobs_bp, health_bp, openapi_bp):
         app.register_blueprint(bp)
     register_error_handlers(app)
+    auth.init_app(app, settings.api_keys)
     return app
+
+
+def _check_default_callback_url(url: str, policy) -> None:
+    """Refuse to start with a DEFAULT_CALLBACK_URL the SSRF guard would refuse; a host that does not
+    resolve yet only warns (DNS may come up after the gateway)."""
+    from tasks.callback_target import CallbackHostUnresolvable, UnsafeCallbackURL, check_url
+
+    try:
+        check_url(url, policy)
+    except UnsafeCallbackURL as exc:
+        raise ValueError(f"DEFAULT_CALLBACK_URL is not allowed: {exc}") from exc
+    except CallbackHostUnresolvable as exc:
+        log.warning("DEFAULT_CALLBACK_URL: %s", exc)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tasks.jobstore import IdempotencyConflict, JobNotFound
+from tasks.service import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +17,11 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error answered with ``status`` and a JSON body."""
 
-    def __init__(self, status: int, code: str, message: str, fields: list[dict] | None = None):
+    def __init__(self, status: int, code: str, message: str, fields: list[dict] | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.fields = status, code, message, fields or []
+        self.headers = headers or {}
 
 
 def field_errors(exc: ValidationError) -> list[dict]:
@@ -30,15 +33,16 @@ def field_errors(exc: ValidationError) -> list[dict]:
     return out
 
 
-def error_response(status: int, code: str, message: str, fields: list[dict] | None = None):
+def error_response(status: int, code: str, message: str, fields: list[dict] | None = None,
+                   headers: dict[str, str] | None = None):
     body = {"error": {"status": status, "code": code, "message": message, "fields": fields or []}}
-    return jsonify(body), status
+    return jsonify(body), status, headers or {}
 
 
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.fields)
+        return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
 
     @app.errorhandler(ValidationError)
     def _validation(exc: ValidationError):
@@ -56,10 +60,26 @@ def register_error_handlers(app: Flask) -> None:
     def _not_found(exc: JobNotFound):
         return error_response(404, "not_found", f"no job {exc.args[0]!r}")
 
+    @app.errorhandler(ServiceUnavailable)
+    def _unavailable(exc: ServiceUnavailable):
+        log.warning("service unavailable: %s", exc)
+        return error_response(503, "service_unavailable",
+                              "the service cannot take requests right now; retry the same request",
+                              headers={"Retry-After": "5"})
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        message = f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)"
+        return error_response(413, "request_entity_too_large", message,
+                              [{"field": "body", "message": message, "type": "too_large"}])
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        # Keep what the exception adds (Allow on 405), not its HTML content type.
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return error_response(exc.code or 500, code, exc.description or exc.name, headers=headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

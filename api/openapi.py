@@ -35,6 +35,8 @@ def build_openapi(settings) -> dict:
 
     error = {"$ref": ref(ErrorBody)}
     err = lambda d: {"description": d, "content": {"application/json": {"schema": error}}}  # noqa: E731
+    unauthorized = err("No valid API key (only when STEMGEN_API_KEYS is set).")
+    unavailable = err("Broker or job store unreachable; retry the same request (Retry-After).")
     return {
         "openapi": "3.1.0",
         "info": {"title": "stemgen", "version": "0.1.0",
@@ -52,7 +54,10 @@ def build_openapi(settings) -> dict:
                     "409": err("generation_request_id reused with a different body."),
                     "413": err("Body too large."),
                     "415": err("Content-Type is not application/json."),
-                    "422": err("A field is invalid; error.fields names it."),
+                    "422": err("A field is invalid (callback_url included: not http(s), or not a "
+                               "public address); error.fields names it."),
+                    "401": unauthorized,
+                    "503": unavailable,
                 },
                 "callbacks": {"generationFinished": {"{$request.body#/callback_url}": {"post": {
                     "requestBody": {"content": {"application/json": {
@@ -64,16 +69,25 @@ def build_openapi(settings) -> dict:
                 "parameters": [{"name": "job_id", "in": "path", "required": True,
                                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"}}],
                 "responses": {"200": _json(ref(JobStatus), "Job state."),
-                              "404": err("No such job.")},
+                              "404": err("No such job."),
+                              "401": unauthorized,
+                              "503": unavailable},
             }},
             "/health": {"get": {"operationId": "health", "responses": {
                 "200": _json(ref(Health), "Broker and storage reachable (status degraded: no worker)."),
-                "503": _json(ref(Health), "Broker or storage unreachable.")}}},
-            "/health/live": {"get": {"operationId": "live", "responses": {
+                "503": _json(ref(Health), "Broker or storage unreachable."),
+                "401": unauthorized}}},
+            "/health/live": {"get": {"operationId": "live", "security": [], "responses": {
                 "200": {"description": "Process alive."}}}},
-            "/health/ready": {"get": {"operationId": "ready", "responses": {
-                "200": {"description": "Broker and storage reachable."},
+            "/health/ready": {"get": {"operationId": "ready", "security": [], "responses": {
+                "200": {"description": "Broker and storage reachable (details only with a key)."},
                 "503": {"description": "Broker or storage unreachable."}}}},
         },
-        "components": {"schemas": components},
+        # Every operation needs an API key unless it says otherwise (security: []).
+        "security": [{"bearerAuth": []}, {"apiKeyHeader": []}],
+        "components": {"schemas": components, "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer",
+                           "description": "Authorization: Bearer <one of STEMGEN_API_KEYS>"},
+            "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }},
     }

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+import logging
 
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import BadRequest
+
+from api.auth import authenticated
 from api.errors import ApiError
 from api.openapi import build_openapi
 from api.schemas import GenerateRequest, JobAccepted, JobStatus
+from tasks.callback_target import CallbackHostUnresolvable, CallbackPolicy, UnsafeCallbackURL, check_url
+
+log = logging.getLogger(__name__)
 
 generate_bp = Blueprint("generate", __name__)
 jobs_bp = Blueprint("jobs", __name__)
@@ -26,11 +33,32 @@ def _json_body() -> object:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)",
                        [{"field": "Content-Type", "message": "expected application/json", "type": "content_type"}])
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON",
-                       [{"field": "body", "message": "not valid JSON", "type": "json_invalid"}])
-    return body
+    try:
+        return request.get_json()
+    except RecursionError:  # json's decoder gives up on very deep nesting (within MAX_REQUEST_BYTES)
+        reason = "nested too deeply"
+    except BadRequest as exc:
+        if exc.code != 400:  # 413 from MAX_CONTENT_LENGTH
+            raise
+        reason = "not valid JSON"
+    raise ApiError(400, "invalid_json", f"the body is {reason}",
+                   [{"field": "body", "message": reason, "type": "json_invalid"}])
+
+
+def _check_callback_url(url: str) -> None:
+    """The SSRF guard at submission (tasks.callback_target). A host that does not resolve now is
+    accepted: DNS trouble may be passing, and delivery checks (and retries) again."""
+    try:
+        check_url(url, _callback_policy())
+    except UnsafeCallbackURL as exc:
+        raise ApiError(422, "validation_error", "invalid request: callback_url",
+                       [{"field": "callback_url", "message": str(exc), "type": "callback_url_refused"}])
+    except CallbackHostUnresolvable as exc:
+        log.info("accepting a callback URL that does not resolve now: %s", exc)
+
+
+def _callback_policy() -> CallbackPolicy:
+    return current_app.extensions["stemgen.callback_policy"]
 
 
 def _status_url(job_id: str) -> str:
@@ -44,7 +72,11 @@ def generate():
     settings = _settings()
     parsed = GenerateRequest.model_validate(
         _json_body(), context={"max_duration_seconds": settings.max_duration_seconds})
-    callback_url = str(parsed.callback_url) if parsed.callback_url else (settings.default_callback_url or None)
+    if parsed.callback_url:
+        callback_url = str(parsed.callback_url)
+        _check_callback_url(callback_url)
+    else:  # the operator's default is checked at start-up (api.create_app) and at delivery
+        callback_url = settings.default_callback_url or None
     submission = _service().submit(parsed.model_dump(mode="json"), callback_url)
     job = _service().get(submission.job_id)
     body = JobAccepted(job_id=submission.job_id, generation_request_id=parsed.generation_request_id,
@@ -79,6 +111,8 @@ def ready():
     ok = broker.ok and storage.ok
     body = {"status": "ok" if ok else "unavailable",
             "broker": vars(broker), "storage": vars(storage)}
+    if not authenticated():  # open to probes: no error details (host names, exception text)
+        body = {"status": body["status"], "broker": {"ok": broker.ok}, "storage": {"ok": storage.ok}}
     return jsonify(body), 200 if ok else 503
 
 

@@ -111,8 +111,10 @@ class StemResult(BaseModel):
 class CallbackState(BaseModel):
     url: Optional[str]
     state: DeliveryState
-    attempts: int
-    error: Optional[str]
+    attempts: int = Field(description="Delivery attempts so far.")
+    error: Optional[str] = Field(description="Why the last attempt failed.")
+    next_attempt_at: Optional[float] = Field(None, description="Unix time of the next attempt, while pending.")
+    delivered_at: Optional[float] = Field(None, description="Unix time the backend accepted the callback.")
 
 
 class JobStatus(BaseModel):

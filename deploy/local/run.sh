@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/local/services.sh
 export USER="${USER:-stemgen}"
+# Local development: callbacks to a receiver on this machine are fine (production default: refused).
+export CALLBACK_ALLOW_LOOPBACK="${CALLBACK_ALLOW_LOOPBACK:-true}"
 VENV=.venv/bin
 mkdir -p var
 

@@ -1,0 +1,83 @@
+"""API keys: who may call the gateway.
+
+Keys come from ``STEMGEN_API_KEYS`` (comma-separated, so a key can be rotated by listing old and new
+for a while). A caller sends one as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The
+presented key is compared with every configured key, each comparison constant-time
+(``hmac.compare_digest`` over SHA-256 digests, so neither the matching key nor the key lengths show
+in the timing). Without configured keys the API is open and a warning is logged at start-up.
+
+Open without a key: ``/health/live`` and ``/health/ready`` (orchestrator probes carry no secrets;
+``/health/ready`` then answers only ok/unavailable, without error details) and ``/openapi.json``
+(the contract is public, as in the README). Everything else, unknown paths included, needs a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+
+from flask import Flask, g, request
+
+from api.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+#: Endpoints (blueprint.function) answered without a key.
+OPEN_ENDPOINTS = frozenset({"health.live", "health.ready", "openapi.openapi"})
+
+#: Shorter keys are accepted but logged as weak at start-up.
+MIN_KEY_LENGTH = 16
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def key_matches(presented: str, digests: list[bytes]) -> bool:
+    """Whether ``presented`` is one of the keys whose SHA-256 digests are ``digests``; every digest
+    is compared (no early exit), each in constant time."""
+    candidate = _digest(presented)
+    matched = False
+    for digest in digests:
+        matched |= hmac.compare_digest(candidate, digest)
+    return matched
+
+
+def presented_keys() -> list[str]:
+    """The keys this request presents (Authorization: Bearer, X-API-Key)."""
+    keys = []
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        keys.append(credentials.strip())
+    if request.headers.get("X-API-Key", "").strip():
+        keys.append(request.headers["X-API-Key"].strip())
+    return keys
+
+
+def authenticated() -> bool:
+    """Whether the current request carries a valid key (always True when the API is open)."""
+    return bool(g.get("stemgen_authenticated", False))
+
+
+def init_app(app: Flask, api_keys: list[str]) -> None:
+    """Require one of ``api_keys`` on every endpoint but OPEN_ENDPOINTS (none: the API is open)."""
+    digests = [_digest(key) for key in api_keys]
+    if not digests:
+        log.warning("STEMGEN_API_KEYS is empty: the API accepts requests from anyone")
+    elif any(len(key) < MIN_KEY_LENGTH for key in api_keys):
+        log.warning("some STEMGEN_API_KEYS are shorter than %d characters", MIN_KEY_LENGTH)
+
+    @app.before_request
+    def _require_key():
+        if not digests:
+            g.stemgen_authenticated = True
+            return None
+        g.stemgen_authenticated = any(key_matches(key, digests) for key in presented_keys())
+        if g.stemgen_authenticated or request.endpoint in OPEN_ENDPOINTS:
+            return None
+        raise ApiError(401, "unauthorized",
+                       "a valid API key is required (Authorization: Bearer <key>, or X-API-Key)",
+                       [{"field": "Authorization", "message": "missing or invalid API key",
+                         "type": "authentication"}],
+                       headers={"WWW-Authenticate": 'Bearer realm="stemgen"'})
