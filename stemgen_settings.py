@@ -29,6 +29,9 @@ class Settings(BaseSettings):
 
     # --- broker / result backend / job store -------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Queue of the generate_stem tasks (GPU/CPU workers) and of finalize/callback delivery.
+    stems_queue: str = "stems"
+    callbacks_queue: str = "callbacks"
     #: Celery result backend, also the job store (job records, idempotency keys). Must be Redis.
     result_backend: str = "redis://127.0.0.1:6379/1"
     #: Seconds a job record and its results are kept.

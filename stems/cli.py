@@ -69,11 +69,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_conform(args: argparse.Namespace) -> int:
+    import soundfile
+
     from stems.tempo import TempoError, conform_file
 
     try:
         analysis = conform_file(args.input, args.output, args.bpm, bars=args.bars, loop=args.loop)
-    except TempoError as exc:
+    except (TempoError, OSError, soundfile.SoundFileError) as exc:
         print(f"stemgen conform: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -1,6 +1,7 @@
 """The Celery application, configured from stemgen settings (Celery's ``config_from_object``).
 
-Start a worker with ``celery -A tasks.app worker -Q stems,callbacks``.
+Start a worker with ``celery -A tasks.app worker`` (it consumes both configured queues; ``-Q``
+narrows that, e.g. ``-Q stems`` for GPU workers).
 """
 
 from __future__ import annotations
@@ -9,10 +10,6 @@ from celery import Celery
 from kombu import Queue
 
 from stemgen_settings import Settings, load_settings
-
-STEMS_QUEUE = "stems"
-CALLBACKS_QUEUE = "callbacks"
-
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings for long, expensive, idempotent tasks.
@@ -53,12 +50,12 @@ def celery_config(settings: Settings) -> dict:
         "result_backend_always_retry": True,
         "result_backend_max_retries": 20,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
-        "task_default_queue": CALLBACKS_QUEUE,
-        "task_queues": (Queue(STEMS_QUEUE), Queue(CALLBACKS_QUEUE)),
+        "task_default_queue": settings.callbacks_queue,
+        "task_queues": (Queue(settings.stems_queue), Queue(settings.callbacks_queue)),
         "task_routes": {
-            "stemgen.generate_stem": {"queue": STEMS_QUEUE},
-            "stemgen.finalize_request": {"queue": CALLBACKS_QUEUE},
-            "stemgen.deliver_callback": {"queue": CALLBACKS_QUEUE},
+            "stemgen.generate_stem": {"queue": settings.stems_queue},
+            "stemgen.finalize_request": {"queue": settings.callbacks_queue},
+            "stemgen.deliver_callback": {"queue": settings.callbacks_queue},
         },
         # Threads: the stem tasks of a worker share one model and batch together (stems.batching).
         "worker_pool": "threads",

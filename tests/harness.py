@@ -94,6 +94,9 @@ def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         "MUSICGEN_MODEL": "tiny",
         "STEMGEN_DEVICE": "cpu",
         "AZURE_STORAGE_CONTAINER": f"test-{uuid.uuid4().hex[:12]}",
+        # Own queues: stacks of concurrent test runs share the Redis DBs but never a message.
+        "STEMS_QUEUE": f"stems-{uuid.uuid4().hex[:8]}",
+        "CALLBACKS_QUEUE": f"callbacks-{uuid.uuid4().hex[:8]}",
         "STEMGEN_CACHE_DIR": str(tmp_path / "cache"),
         "CALLBACK_SECRET": "test-secret",
         "CALLBACK_BACKOFF_SECONDS": "1",
@@ -132,7 +135,7 @@ class Process:
 def start_worker(env: dict[str, str], tmp_path: Path, name: str = "w1", timeout: float = 120) -> Process:
     """A real Celery worker (threads pool, as configured) consuming both queues; returns once ready."""
     hostname = f"{name}-{uuid.uuid4().hex[:6]}@test"
-    worker = Process([str(BIN / "celery"), "-A", "tasks.app", "worker", "-Q", "stems,callbacks",
+    worker = Process([str(BIN / "celery"), "-A", "tasks.app", "worker",
                       "--hostname", hostname,
                       "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
                      env, tmp_path / f"worker-{name}.log")
@@ -162,7 +165,7 @@ def start_gateway(env: dict[str, str], tmp_path: Path, timeout: float = 60) -> t
         try:
             if requests.get(f"{base}/health/live", timeout=1).status_code == 200:
                 return gateway, base
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or busy starting
             pass
         time.sleep(0.2)
     gateway.stop()

@@ -2,7 +2,6 @@ import pytest
 
 from tests.harness import (
     CallbackReceiver,
-    flush_test_redis,
     service_env,
     start_gateway,
     start_worker,
@@ -25,7 +24,6 @@ def receiver():
 def stack(tmp_path_factory, receiver):
     """Gateway + worker on the Redis broker, tiny model, Azurite, loopback callback receiver."""
     tmp = tmp_path_factory.mktemp("stack")
-    flush_test_redis()
     env = service_env(tmp, DEFAULT_CALLBACK_URL=receiver.url)
     worker = start_worker(env, tmp)
     gateway, base = start_gateway(env, tmp)
