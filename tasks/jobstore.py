@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 STEM_STATES = ("queued", "running", "completed", "failed")
 JOB_STATES = ("queued", "running", "completed", "failed", "partial")
@@ -99,13 +101,21 @@ class JobStore:
     Args:
         url: Redis URL (the Celery result backend).
         ttl_seconds: lifetime of a job record and its idempotency key.
+        retry_seconds: how long a command keeps retrying a lost connection (about; exponential
+            waits up to 2 s). Workers wait out a Redis restart rather than fail a finished stem;
+            the gateway keeps redis-py's short default and answers 503.
     """
 
-    def __init__(self, url: str, ttl_seconds: int = 7 * 24 * 3600):
+    def __init__(self, url: str, ttl_seconds: int = 7 * 24 * 3600, *, retry_seconds: float = 0):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"the job store needs a Redis result backend, got {url!r}")
+        options = {}
+        if retry_seconds > 0:
+            options["retry"] = Retry(ExponentialBackoff(cap=2.0, base=0.05),
+                                     retries=6 + int(retry_seconds / 2))
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
-                                           socket_connect_timeout=5, health_check_interval=30)
+                                           socket_connect_timeout=5, health_check_interval=30,
+                                           **options)
         self.ttl = ttl_seconds
         self._create = self._redis.register_script(_CREATE)
         self._finish = self._redis.register_script(_FINISH)

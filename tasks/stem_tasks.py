@@ -25,6 +25,8 @@ from tasks.model_cache import get_batcher
 log = logging.getLogger(__name__)
 
 STORAGE_MAX_RETRIES = 3
+#: How long the workers' job-store commands wait out a lost Redis connection (a restart).
+JOBSTORE_RETRY_SECONDS = 60
 
 
 def job_store(celery_app=app) -> JobStore:
@@ -32,7 +34,8 @@ def job_store(celery_app=app) -> JobStore:
     store = getattr(celery_app, "_stemgen_jobstore", None)
     if store is None:
         settings = celery_app.stemgen_settings
-        store = JobStore(settings.result_backend, settings.job_ttl_seconds)
+        store = JobStore(settings.result_backend, settings.job_ttl_seconds,
+                         retry_seconds=JOBSTORE_RETRY_SECONDS)
         celery_app._stemgen_jobstore = store
     return store
 
@@ -111,7 +114,8 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
             "bpm": bpm, "model": settings.musicgen_model, "device": engine.device, "prompt": prompt,
             "generation_seconds": round(generation_seconds, 3), **rendered.metadata(),
         }
-        jobs.update_stem(job_id, stem, "completed", 1.0, **result)
+        details = {k: v for k, v in result.items() if k not in ("stem", "status")}
+        jobs.update_stem(job_id, stem, "completed", 1.0, **details)
         return result
     except StorageUnavailable as exc:
         if self.request.retries < self.max_retries:

@@ -26,7 +26,11 @@ def stack(tmp_path_factory, receiver):
     tmp = tmp_path_factory.mktemp("stack")
     env = service_env(tmp, DEFAULT_CALLBACK_URL=receiver.url)
     worker = start_worker(env, tmp)
-    gateway, base = start_gateway(env, tmp)
-    yield {"base": base, "env": env, "worker": worker, "gateway": gateway, "tmp": tmp}
-    gateway.stop()
-    worker.stop()
+    try:
+        gateway, base = start_gateway(env, tmp)
+        try:
+            yield {"base": base, "env": env, "worker": worker, "gateway": gateway, "tmp": tmp}
+        finally:
+            gateway.stop()
+    finally:
+        worker.stop()
