@@ -19,6 +19,8 @@ from tasks.app import app
 from tasks.model_cache import get_engine
 
 log = logging.getLogger(__name__)
+# The Azure SDK logs every request's headers at INFO; keep worker logs about our work.
+logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
 
 
 def _load_model() -> None:
