@@ -1,0 +1,34 @@
+"""Static checks of the deployment files (no Docker engine here to build or run them)."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compose_services_and_gpu_reservation():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"redis", "azurite", "api", "worker", "worker-gpu", "flower"} <= set(services)
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert services["api"]["command"][-1] == "api:create_app()"
+    for name in ("worker", "worker-gpu", "flower"):
+        assert services[name]["command"][:3] == ["celery", "-A", "tasks.app"]
+
+
+def test_dockerfile_copies_what_exists():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
+
+
+def test_gunicorn_config_loads():
+    namespace: dict = {}
+    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    assert namespace["workers"] >= 1 and namespace["timeout"] > 0
