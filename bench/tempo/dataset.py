@@ -230,17 +230,22 @@ def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, c
                 drift_percent=100 * drift, drift_shape=shape)
 
 
-def build_set(n_clips: int = 40, *, duration: float = 30.0, seed: int = 0) -> list[Clip]:
-    """The evaluation set: mostly 32 kHz mono (MusicGen's format), some 44.1 kHz stereo and 48 kHz."""
+def build_set_item(index: int, *, n_clips: int = 40, duration: float = 30.0, seed: int = 0) -> Clip:
+    """Clip ``index`` of the evaluation set: mostly 32 kHz mono (MusicGen's format), every 5th
+    44.1 kHz stereo, every 7th 48 kHz; material cycles through full band, drums+bass, drums and
+    bass+strum (no drums)."""
+    del n_clips  # the i-th clip does not depend on the size of the set
     kinds = ("full", "drums+bass", "drums", "full", "bass+strum", "drums+bass", "full", "drums")
-    clips = []
-    for i in range(n_clips):
-        if i % 5 == 4:
-            sr, ch = 44100, 2
-        elif i % 7 == 6:
-            sr, ch = 48000, 1
-        else:
-            sr, ch = 32000, 1
-        clips.append(make_clip(i, duration=duration, sample_rate=sr, channels=ch, kind=kinds[i % len(kinds)],
-                               seed=seed))
-    return clips
+    if index % 5 == 4:
+        sr, ch = 44100, 2
+    elif index % 7 == 6:
+        sr, ch = 48000, 1
+    else:
+        sr, ch = 32000, 1
+    return make_clip(index, duration=duration, sample_rate=sr, channels=ch, kind=kinds[index % len(kinds)],
+                     seed=seed)
+
+
+def build_set(n_clips: int = 40, *, duration: float = 30.0, seed: int = 0) -> list[Clip]:
+    """The whole evaluation set (see ``build_set_item``)."""
+    return [build_set_item(i, n_clips=n_clips, duration=duration, seed=seed) for i in range(n_clips)]
