@@ -669,17 +669,19 @@ def conform_to_bpm(audio: np.ndarray, sample_rate: int, target_bpm: float, *, ba
     rendered, zero, ratios = _render(x, sr, anchor_in, anchor_out, head, tail)
     # how much of the output the input actually fills
     last_ratio = ratios[-1]
-    filled = int(min(n_out, math.floor(((duration - anchor_in[-1]) * last_ratio + content_end_out) * sr)))
+    content = int(math.floor(((duration - anchor_in[-1]) * last_ratio + content_end_out) * sr))
+    content = max(0, min(content, rendered.shape[1] - zero))
     body = np.zeros((x.shape[0], n_out), dtype=np.float32)
-    take = max(0, min(n_out, rendered.shape[1] - zero, filled))
+    take = min(n_out, content)
     body[:, :take] = rendered[:, zero: zero + take]
-    if take < n_out and take > 0:
+    # a shortfall under 1 ms is rounding at the input's last sample, not padding
+    padded = (n_out - take) / sr if n_out - take > 0.001 * sr else 0.0
+    if padded and take > 0:
         fade = min(take, int(0.005 * sr))
         body[:, take - fade: take] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
-    padded = (n_out - take) / sr if take < n_out else 0.0
     if loop:
         before = rendered[:, :zero]
-        after = rendered[:, zero + n_out:] if take >= n_out else rendered[:, :0]
+        after = rendered[:, zero + n_out: zero + content]  # empty when the input ends at the last bar
         body = _loop_join(body, before, after, loop_len)
 
     analysis = TempoAnalysis(
