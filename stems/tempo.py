@@ -265,26 +265,21 @@ def _fine_rise(y: np.ndarray) -> np.ndarray:
     return rise
 
 
-def _refine_beats(coarse: np.ndarray, rise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Move each coarse beat time (s) to the sharpest attack within -40..+30 ms.
-
-    Returns refined times and the rise (log10 energy ratio over 2 ms) found at each."""
+def _refine_beats(coarse: np.ndarray, rise: np.ndarray) -> np.ndarray:
+    """Move each coarse beat time (s) to its attack: the earliest rise within -40..+30 ms that
+    reaches half of the strongest one there (a strum or a flam is heard at its first hit)."""
     fine_rate = _ANALYSIS_SR / _FINE_HOP
-    refined = np.empty_like(coarse)
-    strength = np.empty_like(coarse)
+    refined = np.array(coarse, dtype=float)
     for i, t in enumerate(coarse):
         a = max(0, int((t - 0.040) * fine_rate))
         b = min(len(rise), int((t + 0.030) * fine_rate) + 1)
         if b - a < 2:
-            refined[i], strength[i] = t, 0.0
             continue
         w = rise[a:b]
         peak = float(w.max())
-        # the earliest strong rise, not the strongest: a strum or flam is heard at its first hit
-        j = a + int(np.argmax(w >= 0.5 * peak)) if peak > 0 else a + int(np.argmax(w))
+        j = a + (int(np.argmax(w >= 0.5 * peak)) if peak > 0 else int(np.argmax(w)))
         refined[i] = (j + 2) * _FINE_HOP / _ANALYSIS_SR + _FINE_WIN / (2 * _ANALYSIS_SR)
-        strength[i] = peak
-    return refined, strength
+    return refined
 
 
 def _regularise_beats(times: np.ndarray) -> np.ndarray:
@@ -432,11 +427,15 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
         return None
     coarse = frames * _HOP / _ANALYSIS_SR
     rise = _fine_rise(y)
-    refined, _ = _refine_beats(coarse, rise)
+    refined = _refine_beats(coarse, rise)
     refined = _consistent_beats(_regularise_beats(np.sort(refined)))
     if len(refined) < 4:
         return None
     smooth, resid = _smooth_beats(refined)
+    inside = (smooth >= 0.0) & (smooth < duration)  # a smoothed edge beat may fall off the clip
+    smooth, resid = smooth[inside], resid[inside]
+    if len(smooth) < 4:
+        return None
     period = float(np.median(np.diff(smooth)))
     if period <= 0:
         return None
