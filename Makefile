@@ -38,6 +38,13 @@ test: install
 	bash deploy/local/services.sh --rabbitmq
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# Fault injection on real parts (tests/faults, ~10 min): worker SIGKILL, Redis restart, callback
+# endpoint and Azurite outages, schemathesis fuzzing; prints a lost/duplicated summary table.
+faults: install
+	$(PY) -c "import schemathesis" 2>/dev/null || $(UV) pip install --python $(PY) 'schemathesis>=4.3,<5'
+	bash deploy/local/services.sh --rabbitmq
+	$(PY) -m pytest -ra tests/faults $(PYTEST_ARGS)
+
 test-unit: install
 	$(PY) -m pytest -ra -m "not integration" $(PYTEST_ARGS)
 
