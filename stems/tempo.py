@@ -66,7 +66,7 @@ CONFIDENCE_THRESHOLD = 0.35
 # Segmenting the beat -> grid map: every beat within this of its grid line (seconds, output).
 _SEGMENT_TOLERANCE = 0.002
 # Rubber Band drifts a few ms over long offline renders; bound each render.
-_MAX_SEGMENT_SECONDS = 3.0
+_MAX_SEGMENT_SECONDS = 2.0
 _XFADE_SECONDS = 0.006   # join between segment renders
 _XFADE_LEAD = 0.002      # join ends this long before the beat's attack
 _MARGIN_SECONDS = 0.05   # extra input rendered on both sides of a segment
@@ -599,7 +599,8 @@ def conform_to_bpm(audio: np.ndarray, sample_rate: int, target_bpm: float, *, ba
     if bars is not None and (isinstance(bars, bool) or not isinstance(bars, (int, np.integer)) or bars < 1):
         raise TempoError(f"bars must be None or an integer >= 1, got {bars!r}")
     x = _validated_audio(audio)
-    x = x - x.mean(axis=1, keepdims=True)
+    # a DC offset, not the mean: the mean of sparse drums is not 0 and would lift the silences
+    x = x - np.median(x, axis=1, keepdims=True)
     n_in = x.shape[1]
     duration = n_in / sr
     beat_out = 60.0 / target_bpm
