@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from celery.utils.time import get_exponential_backoff_interval
 
 from stems.engine import SamplingParams
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 STORAGE_MAX_RETRIES = 3
 #: How long the workers' job-store commands wait out a lost Redis connection (a restart).
 JOBSTORE_RETRY_SECONDS = 60
+#: The job store still unreachable after that: the task is retried later (a declared retry), so a
+#: longer Redis outage neither loses a job's callback nor reports a generated stem as failed.
+JOBSTORE_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+JOBSTORE_RETRIES = dict(autoretry_for=JOBSTORE_UNREACHABLE, retry_backoff=2, retry_backoff_max=20,
+                        retry_jitter=True)
 
 
 def job_store(celery_app=app) -> JobStore:
@@ -127,6 +133,10 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
             log.warning("storage unavailable for %s/%s, retry in %ss: %s", job_id, stem, countdown, exc)
             raise self.retry(exc=exc, countdown=countdown)
         return _failed(jobs, job_id, stem, str(exc))
+    except JOBSTORE_UNREACHABLE as exc:
+        log.warning("job store unreachable for %s/%s, retry in 20s: %s", job_id, stem, exc)
+        raise self.retry(exc=exc, countdown=min(20, settings.visibility_timeout_seconds // 2),
+                         max_retries=90)
     except Exception as exc:  # the failure becomes the stem's result; see docstring
         log.exception("stem %s of job %s failed", stem, job_id)
         return _failed(jobs, job_id, stem, f"{exc.__class__.__name__}: {exc}")
@@ -154,7 +164,7 @@ def callback_payload(job: dict, results: list[dict], state: str) -> dict:
     }
 
 
-@app.task(bind=True, name="stemgen.finalize_request")
+@app.task(bind=True, name="stemgen.finalize_request", max_retries=90, **JOBSTORE_RETRIES)
 def finalize_request(self, results: list[dict], job_id: str) -> dict:
     """Chord body: record the job's final state, then hand the callback to deliver_callback.
 
@@ -194,7 +204,7 @@ def delivery_lock_seconds(settings) -> float:
     return settings.callback_connect_timeout_seconds + settings.callback_timeout_seconds + 30
 
 
-@app.task(bind=True, name="stemgen.deliver_callback", max_retries=None)
+@app.task(bind=True, name="stemgen.deliver_callback", max_retries=None, **JOBSTORE_RETRIES)
 def deliver_callback(self, job_id: str) -> str:
     """POST the job's callback; on connection errors, timeouts, 5xx, 408 and 429 retried with
     exponential backoff for ``callback_delivery_window_seconds``, then marked failed.

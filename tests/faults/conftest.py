@@ -130,6 +130,14 @@ class Stack:
         self.workers[name] = start_worker(self.env, self.tmp, name=name, timeout=240)
         return self.workers[name]
 
+    def start_workers(self, *names: str) -> None:
+        with ThreadPoolExecutor(len(names)) as pool:  # the model loads overlap
+            for started in [pool.submit(self.start_worker, name) for name in names]:
+                started.result()
+
+    def live_workers(self) -> dict:
+        return {name: w for name, w in self.workers.items() if w.proc.poll() is None}
+
     def stop(self):
         if self.gateway:
             self.gateway.stop()
@@ -142,9 +150,7 @@ def stack(stack_env, fault_tmp):
     stack = Stack(stack_env, fault_tmp)
     try:
         stack.gateway, stack.base = start_gateway(stack_env, fault_tmp)
-        with ThreadPoolExecutor(2) as pool:  # the two model loads overlap
-            for started in [pool.submit(stack.start_worker, name) for name in ("w1", "w2")]:
-                started.result()
+        stack.start_workers("w1", "w2")
         yield stack
     finally:
         stack.stop()
@@ -173,9 +179,7 @@ def rabbitmq_stack(stack_env, redis_server, fault_tmp):
     stack = Stack(env, tmp)
     try:
         stack.gateway, stack.base = start_gateway(env, tmp)
-        with ThreadPoolExecutor(2) as pool:
-            for started in [pool.submit(stack.start_worker, name) for name in ("r1", "r2")]:
-                started.result()
+        stack.start_workers("r1", "r2")
         yield stack
     finally:
         stack.stop()

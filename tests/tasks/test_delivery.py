@@ -167,3 +167,24 @@ def test_signed_and_stable_event_id(store, configure):
         got = receiver.wait(5)
     assert got["headers"][EVENT_ID_HEADER] == job_id
     assert verify("k", got["headers"][TIMESTAMP_HEADER], got["raw"], got["headers"][SIGNATURE_HEADER])
+
+
+def test_unreachable_job_store_retries_the_tasks(monkeypatch):
+    """Redis gone for longer than the job store waits: the tasks are retried, nothing is lost."""
+    unreachable = JobStore("redis://127.0.0.1:1/0", ttl_seconds=60)
+    monkeypatch.setattr(stem_tasks.app, "_stemgen_jobstore", unreachable, raising=False)
+    monkeypatch.setattr(stem_tasks.app, "stemgen_settings", load_settings(), raising=False)
+    for task in (stem_tasks.finalize_request, stem_tasks.deliver_callback):
+        retried = []
+
+        def retry(*args, exc=None, **kwargs):
+            retried.append(exc)
+            raise RetryLater(kwargs.get("countdown"))
+
+        monkeypatch.setattr(task, "retry", retry)
+        with pytest.raises(RetryLater):
+            if task is stem_tasks.finalize_request:
+                task.run([{"stem": "bass", "status": "completed"}], "0" * 32)
+            else:
+                task.run("0" * 32)
+        assert isinstance(retried[0], stem_tasks.JOBSTORE_UNREACHABLE)
