@@ -569,7 +569,7 @@ def conform_to_bpm(audio: np.ndarray, sample_rate: int, target_bpm: float, *, ba
 
     Args:
         audio: float ``[channels, samples]`` (1-D ``[samples]`` is taken as mono), any level;
-            DC offset is removed.
+            integer PCM arrays are scaled to +-1; DC offset is removed.
         sample_rate: Hz, any positive rate; the output has the same rate.
         target_bpm: the grid tempo, BPM (> 0).
         bars: output length in bars; None takes as many whole bars as the material gives (at
@@ -587,6 +587,12 @@ def conform_to_bpm(audio: np.ndarray, sample_rate: int, target_bpm: float, *, ba
         TempoError: bad arguments (see the class).
         TempoAnalysisError: shorter than one beat at the target tempo, or shorter than one
             bar with ``bars=None``.
+
+    The source tempo is read in the octave of the target (a 60 BPM groove asked to be 115 BPM
+    is read as 120 BPM): the prompt asked for the target, so half/double readings fold onto
+    it. Below CONFIDENCE_THRESHOLD the whole clip gets one ratio, from the estimated tempo
+    when some pulse was found (confidence > 0.15) and otherwise 1.0 (the model is assumed to
+    have honoured the prompt); it then starts at the first sample.
     """
     target_bpm = _validated_number("target_bpm", target_bpm)
     sr_f = _validated_number("sample_rate", sample_rate)
@@ -701,7 +707,9 @@ def conform_to_bpm(audio: np.ndarray, sample_rate: int, target_bpm: float, *, ba
 
 
 def conform_file(in_path, out_path, target_bpm: float, *, bars: int | None = None, loop: bool = False) -> dict:
-    """Conform a soundfile-readable file and write a 24-bit PCM WAV at the same sample rate.
+    """Conform a soundfile-readable file (``in_path``) and write ``out_path`` as a 24-bit PCM WAV
+    at the same sample rate and channel count (samples beyond full scale clip in the 24-bit
+    encoding: normalise loudness before writing when that matters).
 
     Returns ``analysis.to_dict()``. Raises TempoError / TempoAnalysisError as
     ``conform_to_bpm``; soundfile's errors for unreadable files."""
