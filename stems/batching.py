@@ -68,9 +68,10 @@ class StemBatcher:
         self.window_seconds = window_seconds
         self.bucket_seconds = bucket_seconds
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._calls = self._clips = self._largest = 0
+        self._progress = _ProgressRelay()
         self._thread = threading.Thread(target=self._loop, name="stem-batcher", daemon=True)
         self._thread.start()
-        self._calls = self._clips = self._largest = 0
 
     def generate(self, prompt: str, duration_seconds: float, *,
                  sampling: SamplingParams = SamplingParams(), seed: int | None = None,
@@ -86,6 +87,8 @@ class StemBatcher:
         """
         if duration_seconds <= 0:
             raise ValueError("duration_seconds must be > 0")
+        if not self._thread.is_alive():
+            raise RuntimeError("the stem batcher's generation thread has stopped")
         pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress)
         self._queue.put(pending)
         return pending.future.result(timeout)
@@ -113,13 +116,25 @@ class StemBatcher:
         return items
 
     def _loop(self) -> None:
+        try:
+            while True:
+                items = self._collect()
+                groups: dict[tuple, list[_Pending]] = {}
+                for item in items:
+                    groups.setdefault(self._key(item), []).append(item)
+                for group in groups.values():
+                    self._run(group)
+        finally:  # only a BaseException (interpreter exit) ends the loop: nobody waits forever
+            self._fail_queued(RuntimeError("the stem batcher's generation thread has stopped"))
+
+    def _fail_queued(self, exc: BaseException) -> None:
         while True:
-            items = self._collect()
-            groups: dict[tuple, list[_Pending]] = {}
-            for item in items:
-                groups.setdefault(self._key(item), []).append(item)
-            for group in groups.values():
-                self._run(group)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(exc)
 
     def _run(self, group: list[_Pending]) -> None:
         group = [item for item in group if item.future.set_running_or_notify_cancel()]
@@ -129,16 +144,18 @@ class StemBatcher:
         callbacks = [item.progress for item in group if item.progress is not None]
 
         def fan_out(fraction: float) -> None:
+            # Runs inside the decoding loop: hand over, never wait on the callers' sinks (the
+            # worker's writes to Redis) here.
             for callback in callbacks:
-                try:
-                    callback(fraction)
-                except Exception:  # a caller's progress sink must not break the batch
-                    log.exception("progress callback failed")
+                self._progress.post(callback, fraction)
 
         try:
-            audio = self.engine.generate([item.prompt for item in group], duration,
-                                         sampling=group[0].sampling, seed=group[0].seed,
-                                         progress=fan_out if callbacks else None)
+            try:
+                audio = self.engine.generate([item.prompt for item in group], duration,
+                                             sampling=group[0].sampling, seed=group[0].seed,
+                                             progress=fan_out if callbacks else None)
+            finally:
+                self._progress.flush()  # a caller's last progress precedes its result
         except BaseException as exc:  # every waiting caller gets the failure
             for item in group:
                 item.future.set_exception(exc)
@@ -151,3 +168,42 @@ class StemBatcher:
         rate = self.engine.sample_rate
         for item, clip in zip(group, audio):
             item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])
+
+
+class _ProgressRelay:
+    """Calls progress callbacks on a thread of its own, newest fraction first-come.
+
+    The generation thread posts a fraction per token and moves on; a slow sink (a Redis write
+    that retries) delays only later progress reports of that stem, never the batch. Posts that
+    arrive while a callback runs are coalesced: each callback gets its newest fraction.
+    """
+
+    def __init__(self):
+        self._latest: dict[int, tuple[ProgressCallback, float]] = {}
+        self._busy = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._loop, name="stem-progress", daemon=True).start()
+
+    def post(self, callback: ProgressCallback, fraction: float) -> None:
+        with self._cond:
+            self._latest[id(callback)] = (callback, fraction)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every posted fraction was delivered (False after ``timeout`` seconds)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._latest and not self._busy, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._latest))
+                batch, self._latest, self._busy = list(self._latest.values()), {}, True
+            for callback, fraction in batch:
+                try:
+                    callback(fraction)
+                except Exception:  # a caller's progress sink must not break the batch
+                    log.exception("progress callback failed")
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()

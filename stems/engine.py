@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -74,29 +75,176 @@ def _model_source(name: str) -> str:
     return name
 
 
+ATTENTION_BACKENDS = ("torch", "xformers")
+
+#: Initial time capacity of a self-attention key/value buffer (tokens); it doubles when full.
+_KV_MIN_CAPACITY = 256
+
+
+def _buffered_complete_kv(self, k, v):
+    """``StreamingMultiheadAttention._complete_kv`` that appends the step's keys/values into a
+    buffer with spare capacity instead of ``torch.cat``-ing the whole past every step.
+
+    audiocraft's version copies all past keys and values of every layer at every decoding step
+    (O(T²) bytes per clip; at batch 3 and 10 s it costs as much as the weights). The buffer doubles
+    when full, so the past is copied O(log T) times. ``past_keys``/``past_values`` stay in the
+    streaming state as views of the buffer with the same shape and values as audiocraft's, so the
+    mask, rotary offset and ``get/set_streaming_state`` code reads them unchanged; the attention
+    sees bitwise the same keys and values. Assumes, as audiocraft's generate does, that a stream
+    is never branched (one saved state restored twice and both continued).
+    """
+    if self.cross_attention or not self._is_streaming or self.past_context is not None or v is k:
+        return type(self)._complete_kv(self, k, v)
+    import torch
+    from audiocraft.modules.transformer import _get_attention_time_dimension
+
+    dim = _get_attention_time_dimension(self.memory_efficient)
+    state = self._streaming_state
+    past_k, past_v = state.get("past_keys"), state.get("past_values")
+    k_buf, v_buf = state.get("kv_buffer_keys"), state.get("kv_buffer_values")
+    length = 0 if past_k is None else past_k.shape[dim]
+    if past_k is not None and (k_buf is None or k_buf.data_ptr() != past_k.data_ptr()
+                               or k_buf.shape[0] != k.shape[0]):
+        k_buf, v_buf = past_k, past_v  # a state set from elsewhere: adopt it (copied on growth)
+    needed = length + k.shape[dim]
+    if k_buf is None or k_buf.shape[dim] < needed:
+        capacity = max(needed, _KV_MIN_CAPACITY, 2 * (0 if k_buf is None else k_buf.shape[dim]))
+        shape = list(k.shape)
+        shape[dim] = capacity
+        new_k, new_v = k.new_empty(shape), v.new_empty(shape)
+        if length:
+            new_k.narrow(dim, 0, length).copy_(past_k)
+            new_v.narrow(dim, 0, length).copy_(past_v)
+        k_buf, v_buf = new_k, new_v
+    k_buf.narrow(dim, length, k.shape[dim]).copy_(k)
+    v_buf.narrow(dim, length, v.shape[dim]).copy_(v)
+    nk, nv = k_buf.narrow(dim, 0, needed), v_buf.narrow(dim, 0, needed)
+    state["kv_buffer_keys"], state["kv_buffer_values"] = k_buf, v_buf
+    state["past_keys"], state["past_values"] = nk, nv
+    if "offset" not in state:
+        state["offset"] = torch.tensor(0)
+    return nk, nv
+
+
+def _cached_cross_attention(self, query, key, value, key_padding_mask=None, need_weights=False,
+                            attn_mask=None, average_attn_weights=True, is_causal=False):
+    """Cross-attention ``forward`` that projects the conditioning keys/values once per stream.
+
+    The text conditioning is the same at every decoding step of a generation, but audiocraft
+    projects it through two ``dim × dim`` matrices per layer at every step (a sixth of the weights
+    read per step for musicgen-small). Within a streaming session the projections are kept in the
+    streaming state (cleared when the session ends); the arithmetic is audiocraft's, in the same
+    order, so the output is bitwise the same. Anything but the plain streaming case falls back to
+    audiocraft's forward.
+    """
+    from audiocraft.modules import transformer as T
+
+    original = type(self).forward
+    if (not self._is_streaming or not self.custom or not self.memory_efficient
+            or self.qk_layer_norm is True or attn_mask is not None or key_padding_mask is not None
+            or need_weights or is_causal or self.training or self.causal):
+        return original(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal)
+    import torch
+    from einops import rearrange
+
+    layout = "b h t d" if T._get_attention_time_dimension(self.memory_efficient) == 2 else "b t h d"
+    dim = self.in_proj_weight.shape[0] // 3
+    bias = self.in_proj_bias
+    state = self._streaming_state
+    k, v = state.get("cross_keys"), state.get("cross_values")
+    if k is None or state["cross_source_shape"] != (tuple(key.shape), tuple(value.shape)):
+        k = torch.nn.functional.linear(key, self.in_proj_weight[dim: 2 * dim],
+                                       None if bias is None else bias[dim: 2 * dim])
+        v = torch.nn.functional.linear(value, self.in_proj_weight[2 * dim:],
+                                       None if bias is None else bias[2 * dim:])
+        k, v = [rearrange(x, f"b t (h d) -> {layout}", h=self.num_heads) for x in (k, v)]
+        state["cross_keys"], state["cross_values"] = k, v
+        state["cross_source_shape"] = (tuple(key.shape), tuple(value.shape))
+    q = torch.nn.functional.linear(query, self.in_proj_weight[:dim], None if bias is None else bias[:dim])
+    q = rearrange(q, f"b t (h d) -> {layout}", h=self.num_heads)
+    if self.attention_as_float32:
+        q, k, v = [x.float() for x in (q, k, v)]
+    if T._efficient_attention_backend == "torch":
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False, dropout_p=0)
+    else:
+        x = T.ops.memory_efficient_attention(q, k, v, None, p=0)
+    x = x.to(query.dtype)
+    x = rearrange(x, f"{layout} -> b t (h d)", h=self.num_heads)
+    return self.out_proj(x), None
+
+
+def install_streaming_caches(lm, *, kv_buffer: bool = True, cross_attention_cache: bool = True) -> int:
+    """Give the attention modules of a MusicGen language model the two caches above.
+
+    Per module instance (the class and other models are untouched). Returns how many modules
+    were changed. Neither cache changes any value computed (see the functions' docs).
+    """
+    from audiocraft.modules.transformer import StreamingMultiheadAttention
+
+    changed = 0
+    for module in lm.modules():
+        if not isinstance(module, StreamingMultiheadAttention):
+            continue
+        if module.cross_attention and cross_attention_cache:
+            module.forward = types.MethodType(_cached_cross_attention, module)
+            changed += 1
+        elif not module.cross_attention and kv_buffer:
+            module._complete_kv = types.MethodType(_buffered_complete_kv, module)
+            changed += 1
+    return changed
+
+
 class StemEngine:
     """One loaded MusicGen, shared by every stem a worker process generates.
+
+    Speed settings (none changes the model's arithmetic: precision, weights and steps stay as
+    audiocraft has them; on CUDA audiocraft itself runs the LM in float16 under autocast):
 
     Args:
         model: hub id, local checkpoint directory, or "tiny".
         device: "auto", "cpu", "cuda" or "cuda:N".
+        num_threads: intra-op threads torch uses while generating (``torch.set_num_threads`` on
+            the generating thread); None keeps torch's default (one per core).
+        attention_backend: audiocraft's ``set_efficient_attention_backend`` ("torch": PyTorch
+            SDPA; "xformers": needs a working xformers build, CUDA only). Process-wide.
+        kv_buffer: append self-attention keys/values into a growing buffer instead of
+            re-concatenating the past at every step (see ``install_streaming_caches``).
+        cross_attention_cache: project the text conditioning once per generation instead of at
+            every step.
 
     Raises:
         ModelLoadError: when audiocraft cannot load the model.
+        ValueError: for an unknown attention backend or a non-positive thread count.
     """
 
-    def __init__(self, model: str, device: str = "auto"):
+    def __init__(self, model: str, device: str = "auto", *, num_threads: int | None = None,
+                 attention_backend: str = "torch", kv_buffer: bool = True,
+                 cross_attention_cache: bool = True):
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError("num_threads must be >= 1")
         # audiocraft's config code reads $USER, unset in some containers.
         os.environ.setdefault("USER", "stemgen")
         import torch
         from audiocraft.models import MusicGen
+        from audiocraft.modules.transformer import set_efficient_attention_backend
 
         self.model_name = model
         self.device = resolve_device(device)
+        set_efficient_attention_backend(attention_backend)
         try:
             self._model = MusicGen.get_pretrained(_model_source(model), device=self.device)
         except Exception as exc:  # audiocraft raises assorted types (OSError, KeyError, HF errors)
             raise ModelLoadError(f"cannot load MusicGen model {model!r}: {exc}") from exc
+        self._num_threads = num_threads
+        #: What this engine runs with (reported by the bench and health checks).
+        self.settings = {"num_threads": num_threads or torch.get_num_threads(),
+                         "attention_backend": attention_backend, "kv_buffer": kv_buffer,
+                         "cross_attention_cache": cross_attention_cache}
+        install_streaming_caches(self._model.lm, kv_buffer=kv_buffer,
+                                 cross_attention_cache=cross_attention_cache)
         self._torch = torch
         # MusicGen keeps generation params and the progress callback on the model object.
         self._lock = threading.Lock()
@@ -159,6 +307,10 @@ class StemEngine:
                 model.set_custom_progress_callback(on_tokens)
             else:
                 model.set_custom_progress_callback(None)
+            if self._num_threads is not None and torch.get_num_threads() != self._num_threads:
+                # torch's thread count is per OS thread once that thread has run an op, and
+                # generate runs on whichever thread calls it (the batcher's): set it here.
+                torch.set_num_threads(self._num_threads)
             if seed is not None:
                 torch.manual_seed(seed)
             try:
@@ -170,6 +322,7 @@ class StemEngine:
                 progress(1.0)  # audiocraft's count is approximate across extension windows
         return wav.float().cpu().numpy()
 
-    def warm_up(self) -> None:
-        """Run one short generation so first-request latency excludes lazy initialisation."""
-        self.generate(["warm up"], 0.5)
+    def warm_up(self, batch_size: int = 1, duration_seconds: float = 0.5) -> None:
+        """Run one short generation so first-request latency excludes lazy initialisation
+        (allocator pools, oneDNN/cuBLAS kernel selection for this batch size)."""
+        self.generate(["warm up"] * batch_size, duration_seconds)
