@@ -186,11 +186,22 @@ def rabbitmq_stack(stack_env, redis_server, fault_tmp):
         subprocess.run([ctl, "delete_vhost", RABBITMQ_VHOST], capture_output=True)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stemgen_failed = report.failed
+    return report
+
+
 @pytest.fixture
-def timed():
-    """Stamps the scenario's duration (tests append their Scenario to LEDGER first)."""
+def timed(request):
+    """Stamps the scenario's duration (tests append their Scenario to LEDGER first) and marks a
+    scenario whose test failed (its counts may be incomplete)."""
     started = time.monotonic()
     count = len(LEDGER)
     yield
     for scenario in LEDGER[count:]:
         scenario.seconds = time.monotonic() - started
+        if getattr(request.node, "stemgen_failed", False):
+            scenario.name += " [FAILED]"

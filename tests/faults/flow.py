@@ -112,6 +112,30 @@ class Client:
             raise errors[0]
         return out
 
+    def resubmit(self, submitted: dict[str, dict], copies: int = 3) -> int:
+        """Send accepted bodies again, ``copies`` at once each (a backend retrying after a lost
+        answer): every copy must get the same job back (200), and a changed body under the same
+        generation_request_id a 409. Returns the number of POSTs made."""
+        answers: list[tuple[str, int, str]] = []
+
+        def post(job_id, body):
+            r = self.session.post(f"{self.base}/generate", json=body, timeout=30)
+            answers.append((job_id, r.status_code, r.json().get("job_id", "")))
+
+        threads = [threading.Thread(target=post, args=(job_id, body))
+                   for job_id, body in submitted.items() for _ in range(copies)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(code == 200 and got == job_id for job_id, code, got in answers), answers
+        job_id, body = next(iter(submitted.items()))
+        changed = dict(body, audio_file_id="another-file")
+        conflict = self.session.post(f"{self.base}/generate", json=changed, timeout=30)
+        assert conflict.status_code == 409, conflict.text
+        assert conflict.json()["error"]["fields"][0]["field"] == "generation_request_id"
+        return len(answers) + 1
+
     def job(self, job_id: str) -> dict:
         r = self.session.get(f"{self.base}/jobs/{job_id}", timeout=10)
         r.raise_for_status()
@@ -202,13 +226,16 @@ def in_flight(log: str) -> set[str]:
     return set(RECEIVED.findall(log)) - set(DONE.findall(log))
 
 
-def wait_until_generating(client, worker, job_ids, timeout=180) -> set[str]:
-    """Until ``worker`` holds generate_stem tasks and some stem of the jobs shows progress."""
+def wait_until_generating(client, workers, job_ids, timeout=180) -> set[str]:
+    """Until one of ``workers`` (one or a list) holds generate_stem tasks and some stem of the
+    jobs shows progress; returns that worker's in-flight task ids."""
+    workers = workers if isinstance(workers, (list, tuple)) else [workers]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        held = in_flight(worker.log())
+        held = set().union(*(in_flight(w.log()) for w in workers))
         if held and any(s["status"] == "running" and s["progress"] > 0
                         for record in client.jobs(job_ids).values() for s in record["stems"]):
             return held
         time.sleep(0.3)
-    raise TimeoutError(f"worker never started generating:\n{worker.log()[-3000:]}")
+    logs = "\n".join(w.log()[-2000:] for w in workers)
+    raise TimeoutError(f"no worker started generating:\n{logs}")

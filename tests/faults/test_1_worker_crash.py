@@ -29,6 +29,8 @@ def test_worker_killed_mid_generation(stack, timed):
     client = Client(stack.base, scenario)
     with CallbackReceiver() as receiver:
         submitted = client.submit_all(bodies(14, receiver.url, tag="kill"))
+        repeats = client.resubmit(submitted)
+        scenario.notes.append(f"{repeats} repeated POSTs of accepted requests: same job (200) or 409")
         victim = stack.workers["w1"]
         held = wait_until_generating(client, victim, list(submitted))
         os.killpg(victim.proc.pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ def test_broker_restart_with_requests_in_flight(stack, redis_server, timed):
     client = Client(stack.base, scenario)
     with CallbackReceiver() as receiver:
         submitted = client.submit_all(bodies(8, receiver.url, tag="broker"))
-        wait_until_generating(client, stack.workers["w2"], list(submitted))
+        wait_until_generating(client, list(stack.live_workers().values()), list(submitted))
         redis_server.stop()
         late: dict = {}
         submitter = threading.Thread(
