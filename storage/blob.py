@@ -67,8 +67,11 @@ class BlobStore:
     def __init__(self, connection_string: str, container: str, *, sas_ttl_seconds: int = 86400,
                  retry_total: int = 5, retry_initial_backoff_seconds: float = 2,
                  retry_increment_base: float = 2, timeout_seconds: float = 20):
+        # The policy retries refused connections only 3 times by default (about 20 s); an
+        # outage of storage is mostly refused connections, so those get the full budget too.
         retry = ExponentialRetry(initial_backoff=retry_initial_backoff_seconds,
-                                 increment_base=retry_increment_base, retry_total=retry_total)
+                                 increment_base=retry_increment_base, retry_total=retry_total,
+                                 retry_connect=retry_total, retry_read=retry_total)
         try:
             self._service = BlobServiceClient.from_connection_string(
                 connection_string, retry_policy=retry,

@@ -46,3 +46,11 @@ def test_unreachable_storage_is_typed():
 def test_bad_connection_string():
     with pytest.raises(StorageError):
         BlobStore("not a connection string", "x")
+
+
+def test_connection_failures_get_the_whole_retry_budget():
+    # An outage is mostly refused connections: they must not exhaust after the SDK's default 3.
+    store = BlobStore(AZURITE_CONNECTION_STRING, "x", retry_total=7)
+    policy = store._service._pipeline._impl_policies  # noqa: SLF001 (inspecting the SDK pipeline)
+    retry = next(p for p in policy if p.__class__.__name__ == "ExponentialRetry")
+    assert retry.total_retries == 7 and retry.connect_retries == 7 and retry.read_retries == 7
