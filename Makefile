@@ -38,10 +38,9 @@ test: install
 	bash deploy/local/services.sh --rabbitmq
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-# Fault injection on real parts (tests/faults, ~10 min): worker SIGKILL, Redis restart, callback
+# Fault injection on real parts (tests/faults, ~7 min): worker SIGKILL, Redis restart, callback
 # endpoint and Azurite outages, schemathesis fuzzing; prints a lost/duplicated summary table.
 faults: install
-	$(PY) -c "import schemathesis" 2>/dev/null || $(UV) pip install --python $(PY) 'schemathesis>=4.3,<5'
 	bash deploy/local/services.sh --rabbitmq
 	$(PY) -m pytest -ra tests/faults $(PYTEST_ARGS)
 
