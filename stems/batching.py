@@ -15,6 +15,7 @@ clip is cut to its own length).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -47,6 +48,8 @@ class BatchStats:
     calls: int
     clips: int
     largest_batch: int
+    #: sizes of the latest calls (up to 64), oldest first
+    recent_sizes: tuple[int, ...] = ()
 
 
 class StemBatcher:
@@ -69,6 +72,7 @@ class StemBatcher:
         self.bucket_seconds = bucket_seconds
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
         self._calls = self._clips = self._largest = 0
+        self._sizes: "collections.deque[int]" = collections.deque(maxlen=64)
         self._progress = _ProgressRelay()
         self._thread = threading.Thread(target=self._loop, name="stem-batcher", daemon=True)
         self._thread.start()
@@ -94,7 +98,7 @@ class StemBatcher:
         return pending.future.result(timeout)
 
     def stats(self) -> BatchStats:
-        return BatchStats(self._calls, self._clips, self._largest)
+        return BatchStats(self._calls, self._clips, self._largest, tuple(self._sizes))
 
     # --- generation thread ------------------------------------------------------------------------------
     def _key(self, item: _Pending) -> tuple:
@@ -165,6 +169,7 @@ class StemBatcher:
         self._calls += 1
         self._clips += len(group)
         self._largest = max(self._largest, len(group))
+        self._sizes.append(len(group))
         rate = self.engine.sample_rate
         for item, clip in zip(group, audio):
             item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])

@@ -1,0 +1,246 @@
+"""``python -m bench.gateway``: accepted ``POST /generate`` per second and latency percentiles.
+
+Starts the gateway as production does (``gunicorn -c deploy/gunicorn.conf.py 'api:create_app()'``)
+on a free loopback port, against Redis DBs 10 (broker) and 11 (result backend / job store), both
+flushed before and after; drives it with wrk (``apt-get install -y wrk``) and bench/gateway/
+generate.lua, which sends a unique generation_request_id per request so every request records a
+job and enqueues its Celery chord. No worker runs: the queue just fills (and is flushed).
+
+    python -m bench.gateway                          # 20 s, 32 connections
+    python -m bench.gateway --profile /tmp/gw.txt    # also py-spy the gunicorn workers
+
+Prints requests/s, accepted (202) requests/s, p50/p90/p99 latency, and the gunicorn settings used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LUA = Path(__file__).with_name("generate.lua")
+REDIS = "redis://127.0.0.1:6379"
+BROKER_DB, RESULT_DB = 10, 11
+TARGET_RPS, TARGET_P99_MS = 1000.0, 50.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flush_redis() -> None:
+    import redis
+
+    for db in (BROKER_DB, RESULT_DB):
+        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+
+
+def queued_messages() -> int:
+    import redis
+
+    return int(redis.Redis.from_url(f"{REDIS}/{BROKER_DB}").llen("stems"))
+
+
+def start_gateway(args, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "deploy/gunicorn.conf.py",
+           "--bind", f"127.0.0.1:{port}", args.app]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health/live", timeout=1) as r:
+                if r.status == 200:
+                    return proc, base
+        except OSError:
+            time.sleep(0.2)
+    stop(proc)
+    raise TimeoutError("gunicorn did not answer /health/live within 60 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def run_wrk(args, base: str, seconds: float, env: dict, run_id: str) -> dict:
+    cmd = ["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{seconds:g}s",
+           "--timeout", "5s", "-s", str(LUA), f"{base}/generate"]
+    out = subprocess.run(cmd, env={**env, "STEMGEN_BENCH_RUN": run_id}, capture_output=True,
+                         text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    result: dict = {"statuses": {}, "raw": out.stdout}
+    for line in out.stdout.splitlines():
+        if not line.startswith("STEMGEN "):
+            continue
+        if line.startswith("STEMGEN status "):
+            code, n = line.split()[-1].split("=")
+            result["statuses"][code] = int(n)
+            continue
+        for key, value in re.findall(r"(\w+(?:\.\d+)?)=([\d.]+)", line):
+            result[key] = float(value)
+    return result
+
+
+def gunicorn_pids(master: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def start_profile(args, master: int, seconds: float) -> subprocess.Popen | None:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        print("profile: py-spy not found (pip install py-spy); skipped")
+        return None
+    return subprocess.Popen([py_spy, "record", "--pid", str(master), "--subprocesses", "--format", "raw",
+                             "--rate", "200", "--duration", str(int(seconds)), "--nonblocking",
+                             "--output", args.profile], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def summarize_profile(path: str, top: int = 20) -> None:
+    """Self and inclusive shares of the sampled gunicorn worker stacks (py-spy raw format)."""
+    own: collections.Counter = collections.Counter()
+    inclusive: collections.Counter = collections.Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += n
+        own[_short(frames[-1])] += n
+        for frame in {_short(f) for f in frames}:
+            inclusive[frame] += n
+    if not total:
+        print("profile: no samples")
+        return
+    print(f"profile ({total} samples of the gunicorn workers, {path}):")
+    print("  self time (leaf frames):")
+    for frame, n in own.most_common(top):
+        print(f"    {100 * n / total:5.1f}%  {frame}")
+    print("  inclusive (frames on the stack), stemgen/celery/kombu/redis/flask/pydantic/gunicorn:")
+    keep = re.compile(r"(api/|tasks/|celery/|kombu/|redis/|flask/|werkzeug/|pydantic|gunicorn/)")
+    shown = 0
+    for frame, n in inclusive.most_common():
+        if keep.search(frame):
+            print(f"    {100 * n / total:5.1f}%  {frame}")
+            shown += 1
+            if shown >= top:
+                break
+
+
+def _short(frame: str) -> str:
+    # "function (path/to/site-packages/pkg/module.py:123)" -> "function (pkg/module.py:123)"
+    return re.sub(r"\(.*?(?:site-packages/|/work/main/)", "(", frame)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0, help="measured load duration (20, max 30)")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured load before (3 s)")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1; the box has 2 cores)")
+    p.add_argument("--workers", type=int, default=None, help="GUNICORN_WORKERS (default: the config's)")
+    p.add_argument("--threads", type=int, default=None, help="GUNICORN_THREADS (default: the config's)")
+    p.add_argument("--access-log", default=None,
+                   help="GUNICORN_ACCESSLOG (default: the config's; '' turns it off)")
+    p.add_argument("--log-level", default=None, help="LOG_LEVEL of the app (default: settings)")
+    p.add_argument("--app", default="api:create_app()",
+                   help="WSGI app gunicorn serves (default: api:create_app(); for trying variants)")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="record the gunicorn workers with py-spy (raw stacks to PATH) and summarize")
+    args = p.parse_args(argv)
+    args.seconds = min(args.seconds, 30.0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    key = secrets.token_hex(16)
+    env = dict(os.environ)
+    env.update({"BROKER_URL": f"{REDIS}/{BROKER_DB}", "RESULT_BACKEND": f"{REDIS}/{RESULT_DB}",
+                "STEMGEN_API_KEYS": key, "STEMGEN_BENCH_KEY": key, "USER": env.get("USER", "stemgen"),
+                # the body names a loopback callback_url: no DNS look-up per request in the bench
+                "CALLBACK_ALLOW_LOOPBACK": "true"})
+    for name, value in (("GUNICORN_WORKERS", args.workers), ("GUNICORN_THREADS", args.threads),
+                        ("GUNICORN_ACCESSLOG", args.access_log), ("LOG_LEVEL", args.log_level)):
+        if value is not None:
+            env[name] = str(value)
+    flush_redis()
+    workdir = Path(tempfile.mkdtemp(prefix="stemgen-gateway-bench-"))
+    proc, base = start_gateway(args, env, workdir / "gunicorn.log")
+    try:
+        workers = gunicorn_pids(proc.pid)
+        config = subprocess.run(
+            [sys.executable, "-c", "import runpy; c = runpy.run_path('deploy/gunicorn.conf.py'); "
+             "print(c['workers'], c['threads'], c['worker_class'], repr(c.get('accesslog')))"],
+            cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
+        print(f"gateway: gunicorn {' '.join(config[2:3])} workers={config[0]} threads={config[1]} "
+              f"accesslog={config[3] if len(config) > 3 else '?'} ({len(workers)} worker processes), "
+              f"broker/result Redis DBs {BROKER_DB}/{RESULT_DB}, {os.cpu_count()} cores, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        if args.warmup > 0:
+            run_wrk(args, base, args.warmup, env, f"warm{secrets.token_hex(3)}")
+        profiler = start_profile(args, proc.pid, args.seconds) if args.profile else None
+        result = run_wrk(args, base, args.seconds, env, f"m{secrets.token_hex(3)}")
+        if profiler is not None:
+            profiler.wait(60)
+        queued = queued_messages()
+    finally:
+        stop(proc)
+        flush_redis()
+    seconds = result.get("seconds", args.seconds)
+    rps = result.get("requests", 0) / seconds
+    accepted_rps = result.get("accepted", 0) / seconds
+    p99 = result.get("p99", float("nan"))
+    print(f"load: wrk -t{args.wrk_threads} -c{args.connections} -d{args.seconds:g}s POST /generate "
+          f"(3 stems each), after {args.warmup:g}s warm-up")
+    print(f"requests: {int(result.get('requests', 0))} in {seconds:.2f}s = {rps:.1f} req/s; accepted (202): "
+          f"{int(result.get('accepted', 0))} = {accepted_rps:.1f} req/s; other answers: "
+          f"{result['statuses'] or 0}; socket errors: connect {int(result.get('connect', 0))} "
+          f"read {int(result.get('read', 0))} write {int(result.get('write', 0))} "
+          f"timeout {int(result.get('timeout', 0))}")
+    print(f"latency ms: p50 {result.get('p50', 0):.2f}  p90 {result.get('p90', 0):.2f}  "
+          f"p99 {p99:.2f}  p99.9 {result.get('p99.9', 0):.2f}  max {result.get('max', 0):.2f}")
+    print(f"stem tasks left in the broker queue (flushed): {queued}")
+    print(f"target: >= {TARGET_RPS:g} accepted req/s with p99 <= {TARGET_P99_MS:g} ms: "
+          f"{'met' if accepted_rps >= TARGET_RPS and p99 <= TARGET_P99_MS else 'NOT met'}")
+    if args.profile and Path(args.profile).exists():
+        summarize_profile(args.profile)
+    print(f"gateway_rps={accepted_rps:.1f} p99_ms={p99:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

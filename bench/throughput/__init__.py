@@ -1,0 +1,1 @@
+"""Throughput bench: ``python -m bench.throughput`` (see __main__)."""
