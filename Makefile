@@ -9,7 +9,7 @@ AZURITE := .tools/node_modules/.bin/azurite-blob
 AZURITE_VERSION := 3.37.0
 export USER ?= stemgen
 
-.PHONY: install run test test-unit test-integration services bench bench-tempo faults lock clean
+.PHONY: install run test test-unit test-integration services bench bench-gateway bench-tempo faults lock clean
 
 install: $(STAMP) $(AZURITE)
 
@@ -49,6 +49,10 @@ test-unit: install
 
 bench: install services
 	$(PY) -m bench.throughput $(BENCH_ARGS)
+
+bench-gateway: install services
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m bench.gateway $(BENCH_ARGS)
 
 bench-tempo: install
 	bash bench/tempo/prepare.sh
