@@ -90,6 +90,18 @@ def load_average() -> str:
         return "n/a"
 
 
+def busy_warning() -> None:
+    """Other processes on the cores make torch's OpenMP threads wait on each other at every op:
+    then 2-thread runs slow down several-fold at random and the figures mean little."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: machine busy (1-min load {load:.2f} on {os.cpu_count()} cores): timings are "
+              "unreliable; rerun on an idle machine")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -112,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device: {describe_device(device)}")
     print(f"load average at start (1/5/15 min): {load_average()}")
+    busy_warning()
     t = time.perf_counter()
     directory = checkpoint_dir(args.model)
     print(f"model: musicgen-{args.model} architecture, random weights, {directory} "
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               f"callback {per['callback']:.3f}s; first request in a process: {cold.wall_seconds:.3f}s)")
 
     print(f"load average at end (1/5/15 min): {load_average()}; bench wall {time.perf_counter() - bench_started:.0f}s")
+    busy_warning()
     print(f"throughput_ratio={ratio:.2f}")
     return 0
 
