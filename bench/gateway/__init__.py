@@ -1,0 +1,1 @@
+"""Gateway load bench: ``python -m bench.gateway`` (see __main__)."""
