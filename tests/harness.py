@@ -172,13 +172,6 @@ def start_gateway(env: dict[str, str], tmp_path: Path, timeout: float = 60) -> t
     raise TimeoutError(f"gateway not up in {timeout}s:\n{gateway.log()}")
 
 
-def flush_test_redis() -> None:
-    import redis
-
-    for db in (TEST_BROKER_DB, TEST_RESULT_DB):
-        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
-
-
 def wait_job(base: str, job_id: str, timeout: float, states=("completed", "failed", "partial")) -> dict:
     """Poll GET /jobs/<id> until the job reaches one of ``states``."""
     deadline = time.monotonic() + timeout

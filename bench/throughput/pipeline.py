@@ -97,6 +97,7 @@ class Pipeline:
             duration_seconds: float = 10.0) -> PipelineRun:
         """Post-process one request's generated stems (``{stem: [channels, samples]}``)."""
         from tasks.callbacks import post_callback
+        from tasks.stem_tasks import callback_payload, job_state
 
         request_id = f"bench-{uuid.uuid4().hex[:12]}"
         times: dict[str, list[float]] = {"render": [], "upload": [], "callback": []}
@@ -120,9 +121,8 @@ class Pipeline:
         if errors:
             raise errors[0]
         t0 = time.perf_counter()
-        payload = {"event": "generation.finished", "job_id": request_id,
-                   "generation_request_id": request_id, "audio_file_id": request_id,
-                   "status": "completed", "stems": results, "error": None}
+        job = {"job_id": request_id, "generation_request_id": request_id, "audio_file_id": request_id}
+        payload = callback_payload(job, results, job_state(results))
         post_callback(self.receiver.url, payload, event_id=request_id, secret="bench-secret",
                       timeout_seconds=10)
         times["callback"].append(time.perf_counter() - t0)
