@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     #: Broker visibility timeout (Redis/SQS): must exceed the longest task, or a task still running
     #: is delivered a second time.
     visibility_timeout_seconds: int = 2 * 3600
+    #: The outbox dispatcher (tasks.dispatcher), run by each worker unless turned off: how often
+    #: an idle dispatcher looks for new jobs, most jobs per look, how long a claimed job is leased
+    #: to one dispatcher (it is claimed again after that if its dispatcher died), and how long a
+    #: job whose chord could not be sent (broker down) waits before the next try.
+    dispatcher_enabled: bool = True
+    dispatcher_poll_seconds: float = Field(default=0.1, gt=0, le=10)
+    dispatcher_batch_size: int = Field(default=100, ge=1, le=10_000)
+    dispatcher_lease_seconds: float = Field(default=30.0, gt=0)
+    dispatcher_retry_seconds: float = Field(default=5.0, gt=0)
 
     # --- model -----------------------------------------------------------------------------------
     #: Hub id (facebook/musicgen-small), a local checkpoint directory, or "tiny" (random weights,
@@ -56,6 +65,13 @@ class Settings(BaseSettings):
     #: Threads of a worker process (Celery threads pool); each runs one stem task, and the stem
     #: tasks of a worker share one model and one batcher. At least batch_max_size.
     worker_concurrency: int = Field(default=4, ge=1, le=256)
+    #: Intra-op threads torch uses while generating (torch.set_num_threads); 0: torch's default
+    #: (all cores the process sees). Set it to the container's CPU limit on CPU workers.
+    torch_num_threads: int = Field(default=0, ge=0, le=1024)
+    #: audiocraft's attention implementation: "torch" (PyTorch scaled_dot_product_attention, which
+    #: picks flash/memory-efficient kernels on CUDA) or "xformers". Same numerics up to kernel
+    #: rounding; "torch" measured faster on CPU (README, "Throughput").
+    attention_backend: Literal["torch", "xformers"] = "torch"
     #: Sampling defaults (audiocraft's own defaults); requests may override them.
     default_top_k: int = 250
     default_top_p: float = 0.0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest
+from werkzeug.sansio.utils import get_current_url
 
 from api.auth import authenticated
 from api.errors import ApiError
@@ -62,8 +64,15 @@ def _callback_policy() -> CallbackPolicy:
 
 
 def _status_url(job_id: str) -> str:
-    base = _settings().public_base_url or request.host_url
+    base = _settings().public_base_url or _host_url(request.scheme, request.host)
     return f"{base.rstrip('/')}/jobs/{job_id}"
+
+
+@functools.lru_cache(maxsize=64)
+def _host_url(scheme: str, host: str) -> str:
+    """``request.host_url`` (werkzeug's IRI-to-URI encoding of scheme and validated host), cached:
+    it is the same for every request through one front end, and it showed in the gateway profile."""
+    return get_current_url(scheme, host)
 
 
 @generate_bp.post("/generate")
@@ -78,9 +87,8 @@ def generate():
     else:  # the operator's default is checked at start-up (api.create_app) and at delivery
         callback_url = settings.default_callback_url or None
     submission = _service().submit(parsed.model_dump(mode="json"), callback_url)
-    job = _service().get(submission.job_id)
     body = JobAccepted(job_id=submission.job_id, generation_request_id=parsed.generation_request_id,
-                       status=job["status"], status_url=_status_url(submission.job_id),
+                       status=submission.status, status_url=_status_url(submission.job_id),
                        stems=parsed.target_stems)
     response = jsonify(body.model_dump(mode="json"))
     response.status_code = 202 if submission.created else 200

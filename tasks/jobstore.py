@@ -2,14 +2,20 @@
 
 One hash per job (``stemgen:job:{job_id}``) plus one key per ``generation_request_id`` that makes
 submission idempotent (``SET NX``). Both live in the Redis of the Celery result backend and expire
-after ``job_ttl_seconds``.
+after ``job_ttl_seconds``. New jobs also enter the outbox (``stemgen:outbox``, a sorted set of job
+ids scored by when they are next due), from which tasks.dispatcher sends their Celery chords: the
+transactional-outbox pattern, so a job is recorded and due for dispatch in one atomic step and the
+gateway's request path never talks to the broker.
 
 Every step that must happen once is a Redis state transition, because every Celery task here may run
 twice (``acks_late``: a task whose worker died is delivered again):
 
-- ``create``: the job record and its idempotency claim are written in one script, so no claim ever
-  points at a missing record (a claim whose record is gone is replaced);
-- ``claim_enqueue``: of concurrent identical submissions, one sends the chord;
+- ``create``: the job record, its idempotency claim and its outbox entry are written in one script,
+  so no claim ever points at a missing record (a claim whose record is gone is replaced) and no
+  recorded job misses the outbox;
+- ``claim_due``: an outbox entry is leased to one dispatcher at a time (its score moves past the
+  lease); a dispatcher that dies leaves it to be claimed again when the lease ends;
+- ``mark_dispatched``: the chord was sent; the entry leaves the outbox (checked before sending);
 - ``finish``: the first final state and callback body win;
 - ``mark_delivery_enqueued``: finalize hands the callback to delivery once;
 - ``acquire_delivery_lock``: one delivery attempt at a time, so two copies of the delivery task
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,8 +41,9 @@ DELIVERY_STATES = ("none", "pending", "delivering", "delivered", "failed")
 
 _PREFIX = "stemgen"
 
-# KEYS: request key, new job key. ARGV: claim JSON, ttl, job key prefix, then the record's fields.
-# An existing claim wins while its record exists; a claim whose record is gone is replaced.
+# KEYS: request key, new job key, outbox. ARGV: claim JSON, ttl, job key prefix, job id, then the
+# record's fields. An existing claim wins while its record exists; a claim whose record is gone is
+# replaced. A new job is due in the outbox at once (Redis server time: no clock skew between hosts).
 _CREATE = """
 local claim = redis.call('GET', KEYS[1])
 if claim then
@@ -45,10 +53,37 @@ if claim then
     return claim
   end
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[4])
 return false
+"""
+
+# KEYS: outbox. ARGV: most entries, lease seconds. The due entries (oldest first), each moved to
+# "due again when the lease ends".
+_CLAIM_DUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), id)
+end
+return ids
+"""
+
+# KEYS: job key, outbox. ARGV: job id. Marks the job dispatched (a record that expired meanwhile is
+# not recreated) and takes it out of the outbox.
+_DISPATCHED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'dispatched', 1) end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# KEYS: outbox. ARGV: seconds, job id. An entry still in the outbox is due again in that many seconds.
+_DEFER = """
+local t = redis.call('TIME')
+return redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1]), ARGV[2])
 """
 
 # KEYS: job key. ARGV: field/value pairs. Sets them only when the job exists and is not finished.
@@ -87,12 +122,18 @@ class Submission:
 
     job_id: str
     created: bool
+    #: the job's state when the call returned ("queued" for a job just created)
+    status: str = "queued"
 
 
-def request_fingerprint(request: dict) -> str:
+def canonical_json(request: dict) -> str:
+    """The request as canonical JSON: sorted keys, no spaces, ASCII."""
+    return json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def request_fingerprint(request: dict, canonical: str | None = None) -> str:
     """SHA-256 of the canonical JSON of a request (key order and spacing do not matter)."""
-    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256((canonical or canonical_json(request)).encode()).hexdigest()
 
 
 class JobStore:
@@ -120,6 +161,9 @@ class JobStore:
         self._create = self._redis.register_script(_CREATE)
         self._finish = self._redis.register_script(_FINISH)
         self._release = self._redis.register_script(_RELEASE)
+        self._claim_due = self._redis.register_script(_CLAIM_DUE)
+        self._defer = self._redis.register_script(_DEFER)
+        self._dispatched = self._redis.register_script(_DISPATCHED)
 
     # --- keys -------------------------------------------------------------------------------------
     @staticmethod
@@ -130,9 +174,7 @@ class JobStore:
     def _request_key(generation_request_id: str) -> str:
         return f"{_PREFIX}:request:{generation_request_id}"
 
-    @staticmethod
-    def _enqueue_key(job_id: str) -> str:
-        return f"{_PREFIX}:enqueue:{job_id}"
+    _OUTBOX = f"{_PREFIX}:outbox"
 
     @staticmethod
     def _delivery_lock_key(job_id: str) -> str:
@@ -142,32 +184,31 @@ class JobStore:
     def create(self, request: dict, stems: list[str], callback_url: str | None) -> Submission:
         """Record a new job, or return the existing one for the same generation_request_id.
 
+        One Redis round trip. A created job is due in the outbox at once (see ``claim_due``).
+        Only what differs per job is written; fields still at their initial value (a queued stem,
+        no delivery attempt) are filled in by ``get``.
+
         Raises:
             IdempotencyConflict: the id was used with a different body.
         """
-        fingerprint = request_fingerprint(request)
-        job_id = uuid.uuid4().hex
+        canonical = canonical_json(request)
+        fingerprint = request_fingerprint(request, canonical)
+        job_id = secrets.token_hex(16)
         request_key = self._request_key(request["generation_request_id"])
         claim = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         now = time.time()
         fields = {
             "job_id": job_id,
-            "request": json.dumps(request),
+            "request": canonical,
             "stems": json.dumps(stems),
             "state": "queued",
             "created_at": now,
-            "updated_at": now,
             "callback_url": callback_url or "",
             "delivery_state": "pending" if callback_url else "none",
-            "delivery_attempts": 0,
-            "delivery_error": "",
-            "enqueued": 0,
         }
-        for stem in stems:
-            fields[f"stem:{stem}"] = json.dumps({"stem": stem, "status": "queued", "progress": 0.0})
         pairs = [str(item) for kv in fields.items() for item in kv]
-        existing = self._create(keys=[request_key, self._job_key(job_id)],
-                                args=[claim, self.ttl, self._job_key(""), *pairs])
+        existing = self._create(keys=[request_key, self._job_key(job_id), self._OUTBOX],
+                                args=[claim, self.ttl, self._job_key(""), job_id, *pairs])
         if existing is None:
             return Submission(job_id, created=True)
         existing = json.loads(existing)
@@ -175,18 +216,36 @@ class JobStore:
             raise IdempotencyConflict(request["generation_request_id"], existing.get("job_id", ""))
         return Submission(existing["job_id"], created=False)
 
-    def claim_enqueue(self, job_id: str, seconds: int = 60) -> bool:
-        """True for the one caller that may send the job's chord now (others see False for
-        ``seconds``, after which a caller that died while enqueueing is presumed dead)."""
-        return bool(self._redis.set(self._enqueue_key(job_id), 1, nx=True, ex=seconds))
+    # --- outbox -------------------------------------------------------------------------------------
+    def claim_due(self, limit: int, lease_seconds: float) -> list[str]:
+        """Up to ``limit`` job ids due for dispatch, oldest first, leased to this caller: they are
+        due again after ``lease_seconds`` unless ``mark_dispatched`` (or ``drop_from_outbox``)
+        takes them out first."""
+        return list(self._claim_due(keys=[self._OUTBOX], args=[limit, lease_seconds]))
 
-    def release_enqueue(self, job_id: str) -> None:
-        """Give the enqueue claim back (the chord could not be sent)."""
-        self._redis.delete(self._enqueue_key(job_id))
+    def defer_dispatch(self, job_id: str, seconds: float) -> None:
+        """Make an outbox entry due again in ``seconds`` (its dispatch failed)."""
+        self._defer(keys=[self._OUTBOX], args=[seconds, job_id])
 
-    def mark_enqueued(self, job_id: str) -> None:
-        """Note that the job's Celery chord was sent to the broker."""
-        self._redis.hset(self._job_key(job_id), "enqueued", 1)
+    def mark_dispatched(self, job_id: str) -> None:
+        """Note that the job's chord was sent and take it out of the outbox (one round trip)."""
+        self._dispatched(keys=[self._job_key(job_id), self._OUTBOX], args=[job_id])
+
+    def drop_from_outbox(self, job_id: str) -> None:
+        """Take an entry out of the outbox without dispatching it (its record is gone)."""
+        self._redis.zrem(self._OUTBOX, job_id)
+
+    def outbox_backlog(self) -> tuple[int, float]:
+        """Entries in the outbox, and how many seconds the most overdue one is past its due time
+        (0 when none is): a growing backlog means no dispatcher is running."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._OUTBOX)
+            pipe.zrange(self._OUTBOX, 0, 0, withscores=True)
+            pipe.time()
+            count, oldest, (seconds, micros) = pipe.execute()
+        if not oldest:
+            return int(count), 0.0
+        return int(count), max(0.0, seconds + micros / 1e6 - float(oldest[0][1]))
 
     def count_run(self, job_id: str, stem: str) -> int:
         """Count one generation of a stem (more than one: a task was delivered again)."""
@@ -274,7 +333,8 @@ class JobStore:
         if not raw:
             raise JobNotFound(job_id)
         stems = json.loads(raw["stems"])
-        stem_states = [json.loads(raw[f"stem:{s}"]) for s in stems]
+        stem_states = [json.loads(raw[f"stem:{s}"]) if f"stem:{s}" in raw else
+                       {"stem": s, "status": "queued", "progress": 0.0} for s in stems]
         for state in stem_states:
             if raw.get(f"runs:{state['stem']}"):
                 state["runs"] = int(raw[f"runs:{state['stem']}"])
@@ -296,12 +356,12 @@ class JobStore:
             "status": raw["state"],
             "progress": round(progress, 4),
             "created_at": float(raw["created_at"]),
-            "updated_at": float(raw["updated_at"]),
+            "updated_at": float(raw.get("updated_at") or raw["created_at"]),
             "finished_at": float(raw["finished_at"]) if raw.get("finished_at") else None,
             "stems": stem_states,
             "callback": callback,
             "request": request,
-            "enqueued": raw.get("enqueued") == "1",
+            "dispatched": raw.get("dispatched") == "1",
             "delivery_enqueued": raw.get("delivery_enqueued") == "1",
             "callback_payload": json.loads(raw["callback_payload"]) if raw.get("callback_payload") else None,
         }

@@ -17,8 +17,10 @@ _batchers: dict[tuple[str, str], StemBatcher] = {}
 _lock = threading.Lock()
 
 
-def get_engine(model: str, device: str = "auto") -> StemEngine:
-    """The process's engine for (model, device), loaded on first use.
+def get_engine(model: str, device: str = "auto", *, num_threads: int | None = None,
+               attention_backend: str = "torch") -> StemEngine:
+    """The process's engine for (model, device), loaded on first use with the given torch thread
+    count (None: torch's default) and attention backend (see stems.engine.StemEngine).
 
     Raises:
         stems.engine.ModelLoadError.
@@ -27,8 +29,17 @@ def get_engine(model: str, device: str = "auto") -> StemEngine:
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = StemEngine(model, device)
+            engine = _engines[key] = StemEngine(model, device, num_threads=num_threads,
+                                                attention_backend=attention_backend)
         return engine
+
+
+def engine_for(settings) -> StemEngine:
+    """The process's engine for the model, device, thread count and attention backend of
+    ``settings``."""
+    return get_engine(settings.musicgen_model, settings.stemgen_device,
+                      num_threads=settings.torch_num_threads or None,
+                      attention_backend=settings.attention_backend)
 
 
 def loaded() -> list[dict]:
@@ -39,7 +50,7 @@ def loaded() -> list[dict]:
 def get_batcher(settings) -> StemBatcher:
     """The process's batcher over the engine of ``settings`` (see stems.batching)."""
     key = (settings.musicgen_model, settings.stemgen_device)
-    engine = get_engine(*key)
+    engine = engine_for(settings)
     with _lock:
         batcher = _batchers.get(key)
         if batcher is None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
-from celery import chord
 from kombu.exceptions import OperationalError
 
 from stemgen_settings import Settings
@@ -17,25 +15,12 @@ from tasks.jobstore import JobStore, Submission
 
 log = logging.getLogger(__name__)
 
-#: How long a submission waits for a concurrent identical one to enqueue the job.
-_ENQUEUE_WAIT_SECONDS = 3.0
-
 #: What the broker and the job store raise when they cannot be reached.
 _UNREACHABLE = (redis.RedisError, OperationalError, ConnectionError, TimeoutError)
 
 
 class ServiceUnavailable(RuntimeError):
     """The broker or the job store cannot be reached; the caller may retry the same request."""
-
-
-def enqueue_job(job_id: str, request: dict, stems: list[str]) -> None:
-    """Send the job's chord to the broker: one generate_stem per stem, then finalize_request.
-
-    Tasks are named, not imported, so the gateway never imports the audio stack.
-    """
-    header = [celery_app.signature("stemgen.generate_stem", args=(job_id, stem, request))
-              for stem in stems]
-    chord(header)(celery_app.signature("stemgen.finalize_request", args=(job_id,)))
 
 
 @dataclass(frozen=True)
@@ -57,42 +42,25 @@ class JobService:
         self._celery = celery_app
 
     def submit(self, request: dict, callback_url: str | None) -> Submission:
-        """Record the job and enqueue its chord; a repeated identical request returns the same job.
+        """Record the job (and its outbox entry, from which tasks.dispatcher sends its chord); a
+        repeated identical request returns the same job.
 
-        ``request`` is the validated request as plain JSON data. A job recorded by an earlier call
-        that failed (or died) before its chord reached the broker is enqueued by the next identical
-        call; of concurrent identical calls only one enqueues (JobStore.claim_enqueue).
+        ``request`` is the validated request as plain JSON data. One job-store round trip for a new
+        job (two for a repeated one, which also reads the job's state); the broker is not involved,
+        so a job is accepted while the broker is down and dispatched when it is back.
 
         Raises:
             tasks.jobstore.IdempotencyConflict: same generation_request_id, different body.
-            ServiceUnavailable: the job store or broker is unreachable (retry the same request).
+            ServiceUnavailable: the job store is unreachable (retry the same request).
         """
         stems = list(dict.fromkeys(request["target_stems"]))
         try:
             submission = self.jobs.create(request, stems, callback_url)
-            if submission.created or not self.jobs.get(submission.job_id)["enqueued"]:
-                self._enqueue_once(submission.job_id, request, stems)
+            if submission.created:
+                return submission
+            return replace(submission, status=self.jobs.get(submission.job_id)["status"])
         except _UNREACHABLE as exc:
-            raise ServiceUnavailable(f"job store or broker unreachable: {exc.__class__.__name__}") from exc
-        return submission
-
-    def _enqueue_once(self, job_id: str, request: dict, stems: list[str]) -> None:
-        if not self.jobs.claim_enqueue(job_id):
-            # Another call is sending this job's chord: wait for it, briefly. If it does not finish
-            # (broker down, or it died), the caller is told to retry rather than told "queued".
-            deadline = time.monotonic() + _ENQUEUE_WAIT_SECONDS
-            while time.monotonic() < deadline:
-                if self.jobs.get(job_id)["enqueued"]:
-                    return
-                time.sleep(0.05)
-            raise ServiceUnavailable("the job is being enqueued by another request; retry")
-        try:
-            enqueue_job(job_id, request, stems)
-        except BaseException:
-            self.jobs.release_enqueue(job_id)
-            raise
-        self.jobs.mark_enqueued(job_id)
-        self.jobs.release_enqueue(job_id)
+            raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
 
     def get(self, job_id: str) -> dict:
         """The job record.

@@ -1,6 +1,7 @@
-"""Celery tasks: one ``generate_stem`` per stem in a chord whose body is ``finalize_request``,
-which hands the callback to ``deliver_callback`` (retried on its own, so a down backend never
-causes a stem to be generated again).
+"""Celery tasks: one ``generate_stem`` per stem in a chord (sent by the outbox dispatcher,
+``send_job_chord``) whose body is ``finalize_request``, which hands the callback to
+``deliver_callback`` (retried on its own, so a down backend never causes a stem to be generated
+again).
 
 Tasks hold no audio logic: they call stems/ (generate, render) and storage/ (upload).
 """
@@ -11,6 +12,7 @@ import logging
 import time
 
 import redis
+from celery import chord
 from celery.utils.time import get_exponential_backoff_interval
 
 from stems.engine import SamplingParams
@@ -75,6 +77,19 @@ def _failed(jobs: JobStore, job_id: str, stem: str, error: str) -> dict:
     result = {"stem": stem, "status": "failed", "error": error}
     jobs.update_stem(job_id, stem, "failed", 1.0, error=error)
     return result
+
+
+def send_job_chord(job: dict) -> None:
+    """Send a recorded job's chord: ``generate_stem`` for each stem (routed to the stems queue),
+    whose results go to ``finalize_request``. ``job`` is its record (JobStore.get). Called by the
+    outbox dispatcher (tasks.dispatcher), not on the gateway's request path.
+
+    Raises:
+        kombu.exceptions.OperationalError (and the transport's errors): the broker is unreachable.
+    """
+    job_id = job["job_id"]
+    header = [generate_stem.s(job_id, state["stem"], job["request"]) for state in job["stems"]]
+    chord(header)(finalize_request.s(job_id))
 
 
 @app.task(bind=True, name="stemgen.generate_stem", max_retries=STORAGE_MAX_RETRIES)

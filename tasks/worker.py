@@ -3,6 +3,8 @@
 - ``worker_init`` (threads pool, the default) or ``worker_process_init`` (prefork children): the
   process loads MusicGen once (tasks.model_cache) and runs a short warm-up generation, so the first
   request does not pay for loading.
+- ``OutboxDispatch`` bootstep: the worker runs the outbox dispatcher (tasks.dispatcher) on a thread
+  while it runs (unless ``DISPATCHER_ENABLED=false``), so every deployment with a worker dispatches.
 - ``stemgen_info`` remote-control command: the worker's model and device, for ``GET /health``.
 """
 
@@ -11,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 
+from celery import bootsteps
 from celery.signals import worker_init, worker_process_init
 from celery.worker.control import inspect_command
 
 from stems.engine import resolve_device
 from tasks.app import app
-from tasks.model_cache import get_engine
+from tasks.dispatcher import DispatcherThread, OutboxDispatcher
+from tasks.model_cache import engine_for
 
 log = logging.getLogger(__name__)
 # The Azure SDK logs every request's headers at INFO; keep worker logs about our work.
@@ -27,7 +31,7 @@ def _load_model() -> None:
     settings = app.stemgen_settings
     if not settings.preload_model:
         return
-    engine = get_engine(settings.musicgen_model, settings.stemgen_device)
+    engine = engine_for(settings)
     engine.warm_up()
     log.info("worker process %s: %s loaded on %s", os.getpid(), settings.musicgen_model, engine.device)
 
@@ -43,6 +47,33 @@ def _load_in_worker(sender=None, **_):
 @worker_process_init.connect
 def _load_in_child(**_):
     _load_model()
+
+
+class OutboxDispatch(bootsteps.StartStopStep):
+    """Runs the outbox dispatcher on a thread from worker start to worker shutdown."""
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.thread: DispatcherThread | None = None
+
+    def start(self, worker):
+        settings = worker.app.stemgen_settings
+        if not settings.dispatcher_enabled:
+            return
+        from tasks.stem_tasks import job_store, send_job_chord
+
+        dispatcher = OutboxDispatcher.from_settings(settings, job_store(worker.app), send_job_chord)
+        self.thread = DispatcherThread(dispatcher)
+        self.thread.start()
+        log.info("outbox dispatcher started (every %.2gs when idle)", settings.dispatcher_poll_seconds)
+
+    def stop(self, worker):
+        if self.thread is not None:
+            self.thread.stop()
+            self.thread = None
+
+
+app.steps["worker"].add(OutboxDispatch)
 
 
 @inspect_command(name="stemgen_info")

@@ -1,7 +1,8 @@
-"""JobStore's once-only transitions against the real Redis: creation, enqueue, finish, delivery lock."""
+"""JobStore's once-only transitions against the real Redis: creation, outbox, finish, delivery lock."""
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -65,12 +66,52 @@ def test_concurrent_identical_submissions_create_one_job(store):
     assert len(store._redis.keys("stemgen:job:*")) == 1
 
 
-def test_enqueue_claim_is_exclusive_and_releasable(store):
+def test_a_new_job_enters_the_outbox_once(store):
     job_id = store.create(req(), ["bass"], None).job_id
-    assert store.claim_enqueue(job_id, seconds=30)
-    assert not store.claim_enqueue(job_id, seconds=30)
-    store.release_enqueue(job_id)
-    assert store.claim_enqueue(job_id, seconds=30)
+    assert store._redis.zrange(store._OUTBOX, 0, -1) == [job_id]
+    assert not store.create(req(), ["bass"], None).created  # a replay adds no entry
+    assert store._redis.zcard(store._OUTBOX) == 1
+    assert not store.get(job_id)["dispatched"]
+
+
+def test_outbox_entries_are_leased_deferred_and_taken_out(store):
+    first = store.create(req("gen-1"), ["bass"], None).job_id
+    second = store.create(req("gen-2"), ["bass"], None).job_id
+    assert store.claim_due(10, lease_seconds=30) == [first, second]  # oldest first
+    assert store.claim_due(10, lease_seconds=30) == []  # leased
+    count, overdue = store.outbox_backlog()
+    assert count == 2 and overdue == 0.0
+    store.defer_dispatch(first, 0.0)
+    assert store.claim_due(10, lease_seconds=30) == [first]
+    store.mark_dispatched(first)
+    assert store.get(first)["dispatched"] and store._redis.zcard(store._OUTBOX) == 1
+    store.drop_from_outbox(second)
+    assert store.outbox_backlog() == (0, 0.0)
+
+
+def test_claim_due_respects_the_limit_and_the_lease_end(store):
+    ids = [store.create(req(f"gen-{i}"), ["bass"], None).job_id for i in range(5)]
+    assert store.claim_due(2, lease_seconds=0.2) == ids[:2]
+    assert store.claim_due(10, lease_seconds=30) == ids[2:]
+    assert store.claim_due(10, lease_seconds=30) == []
+    time.sleep(0.3)  # the first lease ends: its holder is presumed dead
+    assert store.claim_due(10, lease_seconds=30) == ids[:2]
+    assert store.outbox_backlog()[0] == 5
+
+
+def test_mark_dispatched_does_not_recreate_an_expired_record(store):
+    job_id = store.create(req(), ["bass"], None).job_id
+    store._redis.delete(store._job_key(job_id))
+    store.mark_dispatched(job_id)
+    assert not store._redis.exists(store._job_key(job_id))
+    assert store._redis.zcard(store._OUTBOX) == 0
+
+
+def test_overdue_backlog_is_reported(store):
+    store.create(req(), ["bass"], None)
+    time.sleep(0.2)
+    count, overdue = store.outbox_backlog()
+    assert count == 1 and 0.15 < overdue < 5
 
 
 def test_finish_keeps_the_first_result(store):

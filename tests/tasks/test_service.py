@@ -1,12 +1,10 @@
-"""JobService.submit: idempotent enqueueing against the real Redis job store (the broker is faked)."""
+"""JobService.submit against the real Redis job store: one record and one outbox entry per job,
+whatever the broker is doing (the gateway never talks to it)."""
 
 import threading
-import time
 
 import pytest
-from kombu.exceptions import OperationalError
 
-import tasks.service
 from stemgen_settings import load_settings
 from tasks.service import JobService, ServiceUnavailable
 
@@ -25,42 +23,29 @@ def service():
     return s
 
 
-@pytest.fixture
-def enqueued(monkeypatch):
-    calls = []
-    monkeypatch.setattr(tasks.service, "enqueue_job", lambda job_id, request, stems: calls.append(job_id))
-    return calls
+def outbox(service) -> list[str]:
+    return service.jobs._redis.zrange(service.jobs._OUTBOX, 0, -1)
 
 
-def test_failed_enqueue_is_retried_by_the_same_request(service, monkeypatch):
-    calls = []
-
-    def broker_down(job_id, request, stems):
-        calls.append(job_id)
-        raise OperationalError("connection refused")
-
-    monkeypatch.setattr(tasks.service, "enqueue_job", broker_down)
-    with pytest.raises(ServiceUnavailable):
-        service.submit(req(), None)
-    job_id = calls[0]
-    assert not service.get(job_id)["enqueued"]
-
-    monkeypatch.setattr(tasks.service, "enqueue_job", lambda j, r, s: calls.append(j))
-    again = service.submit(req(), None)  # the backend retries the same body
-    assert again.job_id == job_id and not again.created
-    assert calls == [job_id, job_id] and service.get(job_id)["enqueued"]
-    service.submit(req(), None)
-    assert calls == [job_id, job_id]  # enqueued once it succeeded
+def test_new_job_is_recorded_due_and_reported_queued(service):
+    first = service.submit(req(), None)
+    assert first.created and first.status == "queued"
+    assert outbox(service) == [first.job_id]
+    assert not service.get(first.job_id)["dispatched"]
+    service.jobs.update_stem(first.job_id, "bass", "running", 0.5)
+    again = service.submit(req(), None)
+    assert (again.job_id, again.created, again.status) == (first.job_id, False, "running")
+    assert outbox(service) == [first.job_id]
 
 
-def test_concurrent_identical_submissions_enqueue_once(service, monkeypatch):
-    calls = []
+def test_submission_does_not_need_the_broker():
+    service = JobService(load_settings(result_backend=URL, broker_url="redis://127.0.0.1:1/0"))
+    service.jobs._redis.flushdb()
+    submission = service.submit(req(), None)  # no broker on port 1: the job waits in the outbox
+    assert submission.created and outbox(service) == [submission.job_id]
 
-    def slow_enqueue(job_id, request, stems):
-        time.sleep(0.3)
-        calls.append(job_id)
 
-    monkeypatch.setattr(tasks.service, "enqueue_job", slow_enqueue)
+def test_concurrent_identical_submissions_record_one_job(service):
     results, errors = [], []
     barrier = threading.Barrier(8)
 
@@ -77,27 +62,13 @@ def test_concurrent_identical_submissions_enqueue_once(service, monkeypatch):
     for t in threads:
         t.join()
     assert not errors
-    assert len(calls) == 1
-    assert {r.job_id for r in results} == {calls[0]}
-    assert sum(r.created for r in results) == 1
+    assert len({r.job_id for r in results}) == 1 and sum(r.created for r in results) == 1
+    assert outbox(service) == [results[0].job_id]
 
 
-def test_stuck_enqueue_tells_the_caller_to_retry(service, enqueued, monkeypatch):
-    monkeypatch.setattr(tasks.service, "_ENQUEUE_WAIT_SECONDS", 0.2)
-    job_id = service.submit(req(), None).job_id
-    service.jobs._redis.hset(service.jobs._job_key(job_id), "enqueued", 0)  # as if it died mid-way
-    assert service.jobs.claim_enqueue(job_id)  # ... holding the claim
-    with pytest.raises(ServiceUnavailable):
-        service.submit(req(), None)
-    service.jobs.release_enqueue(job_id)  # the claim lapses
-    service.submit(req(), None)
-    assert enqueued == [job_id, job_id]
-
-
-def test_unreachable_job_store_is_service_unavailable(enqueued):
+def test_unreachable_job_store_is_service_unavailable():
     service = JobService(load_settings(result_backend="redis://127.0.0.1:1/0"))
     with pytest.raises(ServiceUnavailable):
         service.submit(req(), None)
     with pytest.raises(ServiceUnavailable):
         service.get("0" * 32)
-    assert enqueued == []

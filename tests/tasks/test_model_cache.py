@@ -1,0 +1,38 @@
+"""The worker's model cache builds its engine from the settings: model, device, torch thread count,
+attention backend (StemEngine itself is faked: loading is tested in tests/stems)."""
+
+import pytest
+
+from stemgen_settings import load_settings
+from tasks import model_cache
+
+
+@pytest.fixture
+def built(monkeypatch):
+    calls = []
+
+    class FakeEngine:
+        def __init__(self, model, device, **options):
+            calls.append((model, device, options))
+
+    monkeypatch.setattr(model_cache, "StemEngine", FakeEngine)
+    monkeypatch.setattr(model_cache, "_engines", {})
+    return calls
+
+
+def test_engine_gets_thread_count_and_attention_backend(built):
+    settings = load_settings(musicgen_model="tiny", stemgen_device="cpu", torch_num_threads=3,
+                             attention_backend="xformers")
+    engine = model_cache.engine_for(settings)
+    assert built == [("tiny", "cpu", {"num_threads": 3, "attention_backend": "xformers"})]
+    assert model_cache.engine_for(settings) is engine  # loaded once per process
+
+
+def test_zero_threads_leaves_torch_its_default(built):
+    model_cache.engine_for(load_settings(musicgen_model="tiny", stemgen_device="cpu"))
+    assert built[0][2] == {"num_threads": None, "attention_backend": "torch"}
+
+
+def test_unknown_attention_backend_is_refused():
+    with pytest.raises(ValueError):
+        load_settings(attention_backend="flash")
