@@ -112,6 +112,11 @@ def resolve(host: str, port: int) -> list[str]:
         CallbackHostUnresolvable: DNS answered no address (or failed).
         UnsafeCallbackURL: the host is not a valid name.
     """
+    try:  # an address in canonical form is its own answer (no look-up, no resolver thread)
+        if str(ipaddress.ip_address(host)) == host:
+            return [host]
+    except ValueError:  # a name, or a non-canonical form (127.1, 0x7f.1): getaddrinfo decides
+        pass
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

@@ -32,3 +32,24 @@ def test_gunicorn_config_loads():
     namespace: dict = {}
     exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
     assert namespace["workers"] >= 1 and namespace["timeout"] > 0
+    assert namespace["worker_class"] == "gevent" and namespace["reuse_port"]
+    assert namespace["accesslog"] is None  # GUNICORN_ACCESSLOG=- turns it on
+
+
+def test_gevent_worker_yields_after_each_request(monkeypatch):
+    import gevent
+
+    namespace: dict = {}
+    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    yields = []
+    monkeypatch.setattr(gevent, "idle", lambda *a: yields.append(a))
+
+    class GeventWorker:
+        pass
+
+    class ThreadWorker:
+        pass
+
+    namespace["post_request"](GeventWorker(), None, {}, None)
+    namespace["post_request"](ThreadWorker(), None, {}, None)
+    assert len(yields) == 1

@@ -4,12 +4,13 @@ Starts the gateway as production does (``gunicorn -c deploy/gunicorn.conf.py 'ap
 on a free loopback port, against Redis DBs 10 (broker) and 11 (result backend / job store), both
 flushed before and after; drives it with wrk (``apt-get install -y wrk``) and bench/gateway/
 generate.lua, which sends a unique generation_request_id per request so every request records a
-job and enqueues its Celery chord. No worker runs: the queue just fills (and is flushed).
+new job (and its outbox entry). No worker runs: the outbox just fills (and is flushed).
 
     python -m bench.gateway                          # 20 s, 32 connections
     python -m bench.gateway --profile /tmp/gw.txt    # also py-spy the gunicorn workers
 
-Prints requests/s, accepted (202) requests/s, p50/p90/p99 latency, and the gunicorn settings used.
+Prints requests/s, accepted (202) requests/s, p50/p90/p99 latency, the gateway's CPU time per
+request (gunicorn workers' user+system time over the measured run), and the gunicorn settings used.
 """
 
 from __future__ import annotations
@@ -49,10 +50,23 @@ def flush_redis() -> None:
         redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
 
 
-def queued_messages() -> int:
+def outbox_size() -> int:
     import redis
 
-    return int(redis.Redis.from_url(f"{REDIS}/{BROKER_DB}").llen("stems"))
+    return int(redis.Redis.from_url(f"{REDIS}/{RESULT_DB}").zcard("stemgen:outbox"))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes so far (/proc/PID/stat fields 14 and 15)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def start_gateway(args, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
@@ -170,6 +184,8 @@ def parse_args(argv):
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1; the box has 2 cores)")
     p.add_argument("--workers", type=int, default=None, help="GUNICORN_WORKERS (default: the config's)")
     p.add_argument("--threads", type=int, default=None, help="GUNICORN_THREADS (default: the config's)")
+    p.add_argument("--worker-class", default=None,
+                   help="GUNICORN_WORKER_CLASS (default: the config's)")
     p.add_argument("--access-log", default=None,
                    help="GUNICORN_ACCESSLOG (default: the config's; '' turns it off)")
     p.add_argument("--log-level", default=None, help="LOG_LEVEL of the app (default: settings)")
@@ -194,6 +210,7 @@ def main(argv=None) -> int:
                 # the body names a loopback callback_url: no DNS look-up per request in the bench
                 "CALLBACK_ALLOW_LOOPBACK": "true"})
     for name, value in (("GUNICORN_WORKERS", args.workers), ("GUNICORN_THREADS", args.threads),
+                        ("GUNICORN_WORKER_CLASS", args.worker_class),
                         ("GUNICORN_ACCESSLOG", args.access_log), ("LOG_LEVEL", args.log_level)):
         if value is not None:
             env[name] = str(value)
@@ -204,7 +221,8 @@ def main(argv=None) -> int:
         workers = gunicorn_pids(proc.pid)
         config = subprocess.run(
             [sys.executable, "-c", "import runpy; c = runpy.run_path('deploy/gunicorn.conf.py'); "
-             "print(c['workers'], c['threads'], c['worker_class'], repr(c.get('accesslog')))"],
+             "print(c['workers'], c['threads'] if c['worker_class'] == 'gthread' else '-', "
+             "c['worker_class'], repr(c.get('accesslog')))"],
             cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
         print(f"gateway: gunicorn {' '.join(config[2:3])} workers={config[0]} threads={config[1]} "
               f"accesslog={config[3] if len(config) > 3 else '?'} ({len(workers)} worker processes), "
@@ -213,10 +231,12 @@ def main(argv=None) -> int:
         if args.warmup > 0:
             run_wrk(args, base, args.warmup, env, f"warm{secrets.token_hex(3)}")
         profiler = start_profile(args, proc.pid, args.seconds) if args.profile else None
+        cpu_before = cpu_seconds(workers)
         result = run_wrk(args, base, args.seconds, env, f"m{secrets.token_hex(3)}")
+        cpu_used = cpu_seconds(workers) - cpu_before
         if profiler is not None:
             profiler.wait(60)
-        queued = queued_messages()
+        queued = outbox_size()
     finally:
         stop(proc)
         flush_redis()
@@ -233,7 +253,11 @@ def main(argv=None) -> int:
           f"timeout {int(result.get('timeout', 0))}")
     print(f"latency ms: p50 {result.get('p50', 0):.2f}  p90 {result.get('p90', 0):.2f}  "
           f"p99 {p99:.2f}  p99.9 {result.get('p99.9', 0):.2f}  max {result.get('max', 0):.2f}")
-    print(f"stem tasks left in the broker queue (flushed): {queued}")
+    requests = result.get("requests", 0)
+    if requests:
+        print(f"gateway CPU: {cpu_used:.2f} s over {len(workers)} worker processes = "
+              f"{1000 * cpu_used / requests:.3f} ms per request")
+    print(f"jobs waiting in the outbox (no worker runs; flushed): {queued}")
     print(f"target: >= {TARGET_RPS:g} accepted req/s with p99 <= {TARGET_P99_MS:g} ms: "
           f"{'met' if accepted_rps >= TARGET_RPS and p99 <= TARGET_P99_MS else 'NOT met'}")
     if args.profile and Path(args.profile).exists():

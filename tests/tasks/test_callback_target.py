@@ -75,6 +75,21 @@ def test_loopback_url_with_allow(monkeypatch):
     assert check_url("http://127.0.0.1:9/cb", LOOPBACK) == ["127.0.0.1"]
 
 
+def test_canonical_addresses_are_not_looked_up(monkeypatch):
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("getaddrinfo called for an address literal")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    assert check_url("http://127.0.0.1:9/cb", LOOPBACK) == ["127.0.0.1"]
+    assert check_url("https://[2606:4700::1111]/cb", STRICT) == ["2606:4700::1111"]
+    with pytest.raises(UnsafeCallbackURL):
+        check_url("http://10.0.0.1/cb", STRICT)
+    # Other spellings of an address (2130706433, 0x7f.1) are left to getaddrinfo, and refused
+    # when they resolve to a refused address (test_unsafe_urls_are_refused).
+    with pytest.raises(AssertionError):
+        check_url("http://2130706433/", STRICT)
+
+
 def test_every_resolved_address_must_pass(monkeypatch):
     def fake_getaddrinfo(host, port, *args, **kwargs):
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port)),
