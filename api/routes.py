@@ -137,7 +137,7 @@ def health():
     else:
         status, code = "ok", 200
     return jsonify({"status": status, "broker": vars(broker), "storage": vars(storage),
-                    "workers": workers}), code
+                    "workers": workers, "outbox": service.outbox()}), code
 
 
 @openapi_bp.get("/openapi.json")

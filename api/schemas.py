@@ -172,8 +172,17 @@ class HealthComponent(BaseModel):
     detail: str = ""
 
 
+class OutboxBacklog(BaseModel):
+    """Jobs accepted but not yet sent to the broker (tasks.dispatcher)."""
+
+    pending: int = Field(ge=0)
+    #: How long the most overdue job has been waiting past its due time; growing: no dispatcher.
+    overdue_seconds: float = Field(ge=0)
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "unavailable"]
     broker: HealthComponent
     storage: HealthComponent
     workers: list[dict]
+    outbox: OutboxBacklog | None = None

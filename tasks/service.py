@@ -90,6 +90,15 @@ class JobService:
         except StorageError as exc:
             return ComponentHealth(False, str(exc))
 
+    def outbox(self) -> dict | None:
+        """Jobs waiting to be dispatched: ``{"pending": n, "overdue_seconds": s}``; None when the
+        job store is unreachable."""
+        try:
+            pending, overdue = self.jobs.outbox_backlog()
+        except _UNREACHABLE:
+            return None
+        return {"pending": pending, "overdue_seconds": round(overdue, 3)}
+
     def workers(self) -> list[dict]:
         """Workers answering a ping within the configured timeout, with their model and device."""
         try:

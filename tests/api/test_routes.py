@@ -47,6 +47,9 @@ class FakeService:
     def workers(self):
         return [{"name": "w@h", "model": "tiny", "device": "cpu"}]
 
+    def outbox(self):
+        return {"pending": len(self.jobs), "overdue_seconds": 0.0}
+
 
 @pytest.fixture
 def service():
@@ -177,6 +180,8 @@ def test_health_endpoints(client, service):
     assert client.get("/health/live").json == {"status": "ok"}
     assert client.get("/health/ready").status_code == 200
     assert client.get("/health").json["workers"][0]["device"] == "cpu"
+    client.post("/generate", json=body())
+    assert client.get("/health").json["outbox"] == {"pending": 1, "overdue_seconds": 0.0}
     service.broker_ok = False
     assert client.get("/health/ready").status_code == 503
     assert client.get("/health").status_code == 503

@@ -66,6 +66,13 @@ def test_concurrent_identical_submissions_record_one_job(service):
     assert outbox(service) == [results[0].job_id]
 
 
+def test_outbox_backlog_for_health(service):
+    assert service.outbox() == {"pending": 0, "overdue_seconds": 0.0}
+    service.submit(req(), None)
+    assert service.outbox()["pending"] == 1
+    assert JobService(load_settings(result_backend="redis://127.0.0.1:1/0")).outbox() is None
+
+
 def test_unreachable_job_store_is_service_unavailable():
     service = JobService(load_settings(result_backend="redis://127.0.0.1:1/0"))
     with pytest.raises(ServiceUnavailable):
