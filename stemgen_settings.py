@@ -69,8 +69,8 @@ class Settings(BaseSettings):
     #: (all cores the process sees). Set it to the container's CPU limit on CPU workers.
     torch_num_threads: int = Field(default=0, ge=0, le=1024)
     #: audiocraft's attention implementation: "torch" (PyTorch scaled_dot_product_attention, which
-    #: picks flash/memory-efficient kernels on CUDA) or "xformers". Same numerics up to kernel
-    #: rounding; "torch" measured faster on CPU (README, "Throughput").
+    #: picks flash/memory-efficient kernels on CUDA) or "xformers" (needs a working xformers build;
+    #: CUDA only).
     attention_backend: Literal["torch", "xformers"] = "torch"
     #: Sampling defaults (audiocraft's own defaults); requests may override them.
     default_top_k: int = 250

@@ -36,7 +36,7 @@ def build_openapi(settings) -> dict:
     error = {"$ref": ref(ErrorBody)}
     err = lambda d: {"description": d, "content": {"application/json": {"schema": error}}}  # noqa: E731
     unauthorized = err("No valid API key (only when STEMGEN_API_KEYS is set).")
-    unavailable = err("Broker or job store unreachable; retry the same request (Retry-After).")
+    unavailable = err("Job store unreachable; retry the same request (Retry-After).")
     return {
         "openapi": "3.1.0",
         "info": {"title": "stemgen", "version": "0.1.0",

@@ -2,8 +2,9 @@
 
 The gateway validates a request, writes one Redis script and answers (tasks.service), so it is
 I/O-bound and short: one gevent worker per core serves many keep-alive connections. Measured with
-``make bench-gateway`` on the 2-core box (README, "Gateway"): gevent 2 workers 1160-1240 accepted
-req/s against gthread 2 x 4 threads 710-840 (and a p99 above a second in some gthread runs). The
+``make bench-gateway`` on the 2-core box (README, "Gateway throughput"): gevent 2 workers
+1160-1240 accepted req/s against gthread 2 x 4 threads 710-840 (and a p99 above a second in some
+gthread runs). The
 values come from the environment so a deployment can size them; ``GUNICORN_WORKER_CLASS=gthread``
 still works (``GUNICORN_THREADS`` sizes it).
 """
@@ -25,14 +26,14 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", 30))
 graceful_timeout = 20
 keepalive = 5
 # Off by default: at a thousand requests a second the ingress (load balancer, reverse proxy) is
-# the place for request logs; it cost the gateway ~10 % of its throughput (README, "Gateway").
+# the place for request logs; it cost the gateway ~10 % of its throughput (README, "Gateway
+# throughput").
 # "-": stdout; a path: that file.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "") or None
 errorlog = "-"
 # Bound what one request can hold the server with.
 limit_request_line = 8190
 limit_request_fields = 100
-
 
 
 def post_request(worker, req, environ, resp):

@@ -18,7 +18,7 @@ the entry out. This is the transactional-outbox pattern (Richardson, *Microservi
 
 Building and publishing a chord costs milliseconds of CPU (canvas, one message per stem carrying the
 request, result subscriptions); measured in the gateway it was most of a request's CPU (README,
-"Gateway").
+"Gateway throughput").
 """
 
 from __future__ import annotations

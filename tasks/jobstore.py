@@ -41,10 +41,17 @@ DELIVERY_STATES = ("none", "pending", "delivering", "delivered", "failed")
 
 _PREFIX = "stemgen"
 
+# Lua: the Redis server's clock in seconds, as ``now`` (outbox scores use the server's clock: no
+# skew between the gateway's and the workers' hosts).
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+"""
+
 # KEYS: request key, new job key, outbox. ARGV: claim JSON, ttl, job key prefix, job id, then the
 # record's fields. An existing claim wins while its record exists; a claim whose record is gone is
-# replaced. A new job is due in the outbox at once (Redis server time: no clock skew between hosts).
-_CREATE = """
+# replaced. A new job is due in the outbox at once.
+_CREATE = _NOW + """
 local claim = redis.call('GET', KEYS[1])
 if claim then
   local ok, existing = pcall(cjson.decode, claim)
@@ -56,16 +63,13 @@ end
 redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[4])
+redis.call('ZADD', KEYS[3], now, ARGV[4])
 return false
 """
 
 # KEYS: outbox. ARGV: most entries, lease seconds. The due entries (oldest first), each moved to
 # "due again when the lease ends".
-_CLAIM_DUE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+_CLAIM_DUE = _NOW + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), id)
@@ -81,9 +85,8 @@ return redis.call('ZREM', KEYS[2], ARGV[1])
 """
 
 # KEYS: outbox. ARGV: seconds, job id. An entry still in the outbox is due again in that many seconds.
-_DEFER = """
-local t = redis.call('TIME')
-return redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1]), ARGV[2])
+_DEFER = _NOW + """
+return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
 """
 
 # KEYS: job key. ARGV: field/value pairs. Sets them only when the job exists and is not finished.

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass, replace
 
 import redis
-from kombu.exceptions import OperationalError
 
 from stemgen_settings import Settings
 from storage import StorageError, store_from_settings
@@ -15,12 +14,12 @@ from tasks.jobstore import JobStore, Submission
 
 log = logging.getLogger(__name__)
 
-#: What the broker and the job store raise when they cannot be reached.
-_UNREACHABLE = (redis.RedisError, OperationalError, ConnectionError, TimeoutError)
+#: What the job store raises when it cannot be reached (the gateway does not talk to the broker).
+_UNREACHABLE = (redis.RedisError, ConnectionError, TimeoutError)
 
 
 class ServiceUnavailable(RuntimeError):
-    """The broker or the job store cannot be reached; the caller may retry the same request."""
+    """The job store cannot be reached; the caller may retry the same request."""
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,9 @@ def flush_redis() -> None:
 
 
 def outbox_size() -> int:
-    import redis
+    from tasks.jobstore import JobStore
 
-    return int(redis.Redis.from_url(f"{REDIS}/{RESULT_DB}").zcard("stemgen:outbox"))
+    return JobStore(f"{REDIS}/{RESULT_DB}").outbox_backlog()[0]
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -188,4 +188,3 @@ def test_unreachable_job_store_retries_the_tasks(monkeypatch):
             else:
                 task.run("0" * 32)
         assert isinstance(retried[0], stem_tasks.JOBSTORE_UNREACHABLE)
-
