@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -102,24 +103,14 @@ class Pipeline:
         request_id = f"bench-{uuid.uuid4().hex[:12]}"
         times: dict[str, list[float]] = {"render": [], "upload": [], "callback": []}
         results: list[dict] = []
-        errors: list[BaseException] = []
-
-        def guarded(*args):
-            try:
-                self._stem(*args)
-            except BaseException as exc:
-                errors.append(exc)
-
         started = time.perf_counter()
-        threads = [threading.Thread(target=guarded, args=(request_id, stem, audio, sample_rate, bpm,
-                                                          duration_seconds, times, results))
-                   for stem, audio in stems.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        # One thread per stem, as a worker's stem tasks run; result() re-raises a stem's error.
+        with ThreadPoolExecutor(max_workers=len(stems)) as pool:
+            futures = [pool.submit(self._stem, request_id, stem, audio, sample_rate, bpm,
+                                   duration_seconds, times, results)
+                       for stem, audio in stems.items()]
+        for future in futures:
+            future.result()
         t0 = time.perf_counter()
         job = {"job_id": request_id, "generation_request_id": request_id, "audio_file_id": request_id}
         payload = callback_payload(job, results, job_state(results))

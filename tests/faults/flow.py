@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -94,40 +95,22 @@ class Client:
 
     def submit_all(self, many: list[dict]) -> dict[str, dict]:
         """Submit concurrently (as several backend threads would); job id → body."""
-        out: dict[str, dict] = {}
-        errors: list[BaseException] = []
-
-        def one(body):
-            try:
-                out[self.submit(body)] = body
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one, args=(b,)) for b in many]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return out
+        with ThreadPoolExecutor(max_workers=max(1, len(many))) as pool:
+            job_ids = list(pool.map(self.submit, many))  # re-raises a submission's error
+        return dict(zip(job_ids, many))
 
     def resubmit(self, submitted: dict[str, dict], copies: int = 3) -> int:
         """Send accepted bodies again, ``copies`` at once each (a backend retrying after a lost
         answer): every copy must get the same job back (200), and a changed body under the same
         generation_request_id a 409. Returns the number of POSTs made."""
-        answers: list[tuple[str, int, str]] = []
-
         def post(job_id, body):
             r = self.session.post(f"{self.base}/generate", json=body, timeout=30)
-            answers.append((job_id, r.status_code, r.json().get("job_id", "")))
+            return job_id, r.status_code, r.json().get("job_id", "")
 
-        threads = [threading.Thread(target=post, args=(job_id, body))
-                   for job_id, body in submitted.items() for _ in range(copies)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        sends = [(job_id, body) for job_id, body in submitted.items() for _ in range(copies)]
+        with ThreadPoolExecutor(max_workers=max(1, len(sends))) as pool:
+            # map re-raises a POST that failed outright (before, its thread died unnoticed)
+            answers = list(pool.map(lambda send: post(*send), sends))
         assert all(code == 200 and got == job_id for job_id, code, got in answers), answers
         job_id, body = next(iter(submitted.items()))
         changed = dict(body, audio_file_id="another-file")
