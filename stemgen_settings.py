@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     dispatcher_batch_size: int = Field(default=100, ge=1, le=10_000)
     dispatcher_lease_seconds: float = Field(default=30.0, gt=0)
     dispatcher_retry_seconds: float = Field(default=5.0, gt=0)
+    #: The dispatcher sends a callback delivery again when it is still pending this long after its
+    #: attempt was due (its Celery message presumed lost; tasks.dispatcher). Longer than a delivery
+    #: task may wait for a free worker thread; a copy of a delivery that was not lost is harmless.
+    delivery_sweep_grace_seconds: float = Field(default=300.0, gt=0)
 
     # --- model -----------------------------------------------------------------------------------
     #: Hub id (facebook/musicgen-small), a local checkpoint directory, or "tiny" (random weights,

@@ -16,6 +16,12 @@ the entry out. This is the transactional-outbox pattern (Richardson, *Microservi
   sends it again after the lease; the job's stems are then generated twice and its first final
   state and single callback still hold (finalize_request, deliver_callback).
 
+The dispatcher also sends ``deliver_callback`` again for a delivery still pending a grace period
+after its attempt was due: with the Redis broker, a message published while a worker is in warm
+shutdown can vanish (celery/celery#4354; seen in the fault suite: a delivery retry published by a
+worker stopping with SIGTERM never arrived). A copy of a delivery that was not lost is harmless:
+deliveries run one at a time under a lock and check the delivered state (tasks.stem_tasks).
+
 Building and publishing a chord costs milliseconds of CPU (canvas, one message per stem carrying the
 request, result subscriptions); measured in the gateway it was most of a request's CPU (README,
 "Gateway throughput").
@@ -41,6 +47,9 @@ class OutboxDispatcher:
         jobs: the job store holding the outbox.
         send: sends one job's chord; called with the job record (JobStore.get); raises when the
             broker cannot take it.
+        resend_delivery: sends a job's ``deliver_callback`` again (called with the job id); None:
+            no delivery sweep.
+        delivery_grace_seconds: how long past its due time a pending delivery is presumed lost.
         batch_size: most entries claimed per look.
         lease_seconds: how long a claimed entry belongs to this dispatcher.
         retry_seconds: wait before trying a job whose chord could not be sent again.
@@ -48,17 +57,23 @@ class OutboxDispatcher:
     """
 
     def __init__(self, jobs: JobStore, send: Callable[[dict], None], *, batch_size: int = 100,
-                 lease_seconds: float = 30.0, retry_seconds: float = 5.0, poll_seconds: float = 0.1):
-        self.jobs, self.send = jobs, send
+                 lease_seconds: float = 30.0, retry_seconds: float = 5.0, poll_seconds: float = 0.1,
+                 resend_delivery: Callable[[str], None] | None = None,
+                 delivery_grace_seconds: float = 300.0):
+        self.jobs, self.send, self.resend_delivery = jobs, send, resend_delivery
+        self.delivery_grace_seconds = delivery_grace_seconds
         self.batch_size, self.lease_seconds = batch_size, lease_seconds
         self.retry_seconds, self.poll_seconds = retry_seconds, poll_seconds
 
     @classmethod
-    def from_settings(cls, settings, jobs: JobStore, send: Callable[[dict], None]) -> "OutboxDispatcher":
+    def from_settings(cls, settings, jobs: JobStore, send: Callable[[dict], None],
+                      resend_delivery: Callable[[str], None] | None = None) -> "OutboxDispatcher":
         return cls(jobs, send, batch_size=settings.dispatcher_batch_size,
                    lease_seconds=settings.dispatcher_lease_seconds,
                    retry_seconds=settings.dispatcher_retry_seconds,
-                   poll_seconds=settings.dispatcher_poll_seconds)
+                   poll_seconds=settings.dispatcher_poll_seconds,
+                   resend_delivery=resend_delivery,
+                   delivery_grace_seconds=settings.delivery_sweep_grace_seconds)
 
     def dispatch_due(self) -> int:
         """Claim the due entries (up to ``batch_size``) and dispatch them; returns how many were
@@ -77,6 +92,25 @@ class OutboxDispatcher:
                     self.jobs.defer_dispatch(rest, self.retry_seconds)
                 break
         return len(claimed)
+
+    def resend_overdue_deliveries(self) -> int:
+        """Send ``deliver_callback`` again for pending deliveries overdue by the grace period (each
+        then waits a grace period before it can be re-sent again); returns how many.
+
+        Raises:
+            redis.RedisError: the job store is unreachable. The broker's errors: the entries come
+                back after the grace period.
+        """
+        if self.resend_delivery is None:
+            return 0
+        # A re-sent delivery counts as due now: it is overdue again one grace period later.
+        overdue = self.jobs.claim_overdue_deliveries(
+            self.delivery_grace_seconds, self.batch_size, lease_seconds=0)
+        for job_id in overdue:
+            log.warning("outbox: delivery of job %s is %.0fs overdue; sending it again", job_id,
+                        self.delivery_grace_seconds)
+            self.resend_delivery(job_id)
+        return len(overdue)
 
     def _dispatch(self, job_id: str) -> bool:
         """Send one claimed job; False when the broker did not take it (the job is deferred)."""
@@ -106,6 +140,7 @@ class OutboxDispatcher:
         while not stop.is_set():
             try:
                 claimed = self.dispatch_due()
+                self.resend_overdue_deliveries()
                 failures = 0
             except redis.RedisError as exc:
                 failures += 1

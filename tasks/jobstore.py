@@ -18,6 +18,9 @@ twice (``acks_late``: a task whose worker died is delivered again):
 - ``mark_dispatched``: the chord was sent; the entry leaves the outbox (checked before sending);
 - ``finish``: the first final state and callback body win;
 - ``mark_delivery_enqueued``: finalize hands the callback to delivery once;
+- ``claim_overdue_deliveries``: a pending delivery whose next attempt is overdue by a grace period
+  (its Celery message was lost: celery/celery#4354, a message published while a worker is in warm
+  shutdown can vanish with the Redis broker) is leased to one dispatcher, which sends it again;
 - ``acquire_delivery_lock``: one delivery attempt at a time, so two copies of the delivery task
   cannot both POST; the delivered state is checked under the lock.
 """
@@ -67,10 +70,12 @@ redis.call('ZADD', KEYS[3], now, ARGV[4])
 return false
 """
 
-# KEYS: outbox. ARGV: most entries, lease seconds. The due entries (oldest first), each moved to
-# "due again when the lease ends".
+# KEYS: a schedule (the outbox, the deliveries). ARGV: most entries, lease seconds, grace seconds.
+# The entries due at least grace seconds ago (oldest first), each moved to "due again when the
+# lease ends".
 _CLAIM_DUE = _NOW + """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]), 'LIMIT', 0,
+                       tonumber(ARGV[1]))
 for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), id)
 end
@@ -84,9 +89,13 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'dispatch
 return redis.call('ZREM', KEYS[2], ARGV[1])
 """
 
-# KEYS: outbox. ARGV: seconds, job id. An entry still in the outbox is due again in that many seconds.
-_DEFER = _NOW + """
-return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+# KEYS: a schedule. ARGV: seconds, job id, then "XX" to move an entry only while it is there.
+# The job's entry is due in that many seconds.
+_SCHEDULE = _NOW + """
+if ARGV[3] == 'XX' then
+  return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+end
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 """
 
 # KEYS: job key. ARGV: field/value pairs. Sets them only when the job exists and is not finished.
@@ -165,7 +174,7 @@ class JobStore:
         self._finish = self._redis.register_script(_FINISH)
         self._release = self._redis.register_script(_RELEASE)
         self._claim_due = self._redis.register_script(_CLAIM_DUE)
-        self._defer = self._redis.register_script(_DEFER)
+        self._schedule = self._redis.register_script(_SCHEDULE)
         self._dispatched = self._redis.register_script(_DISPATCHED)
 
     # --- keys -------------------------------------------------------------------------------------
@@ -178,6 +187,8 @@ class JobStore:
         return f"{_PREFIX}:request:{generation_request_id}"
 
     _OUTBOX = f"{_PREFIX}:outbox"
+    #: Pending callback deliveries, scored by when their next attempt is due.
+    _DELIVERIES = f"{_PREFIX}:deliveries"
 
     @staticmethod
     def _delivery_lock_key(job_id: str) -> str:
@@ -224,11 +235,11 @@ class JobStore:
         """Up to ``limit`` job ids due for dispatch, oldest first, leased to this caller: they are
         due again after ``lease_seconds`` unless ``mark_dispatched`` (or ``drop_from_outbox``)
         takes them out first."""
-        return list(self._claim_due(keys=[self._OUTBOX], args=[limit, lease_seconds]))
+        return list(self._claim_due(keys=[self._OUTBOX], args=[limit, lease_seconds, 0]))
 
     def defer_dispatch(self, job_id: str, seconds: float) -> None:
         """Make an outbox entry due again in ``seconds`` (its dispatch failed)."""
-        self._defer(keys=[self._OUTBOX], args=[seconds, job_id])
+        self._schedule(keys=[self._OUTBOX], args=[seconds, job_id, "XX"])
 
     def mark_dispatched(self, job_id: str) -> None:
         """Note that the job's chord was sent and take it out of the outbox (one round trip)."""
@@ -284,8 +295,22 @@ class JobStore:
         return bool(self._finish(keys=[self._job_key(job_id)], args=pairs))
 
     def mark_delivery_enqueued(self, job_id: str) -> None:
-        """Note that the delivery task was sent (finalize, run again, does not send another)."""
+        """Note that the delivery task was sent (finalize, run again, does not send another); the
+        delivery is due now (see ``claim_overdue_deliveries``)."""
         self._redis.hset(self._job_key(job_id), "delivery_enqueued", 1)
+        self._schedule(keys=[self._DELIVERIES], args=[0, job_id, ""])
+
+    def claim_overdue_deliveries(self, grace_seconds: float, limit: int,
+                                 lease_seconds: float) -> list[str]:
+        """Up to ``limit`` jobs whose delivery is still pending ``grace_seconds`` after its attempt
+        was due (its Celery message is presumed lost), leased to this caller for ``lease_seconds``.
+        A delivery attempt reschedules its job (``update_delivery``); a settled one leaves."""
+        return list(self._claim_due(keys=[self._DELIVERIES],
+                                    args=[limit, lease_seconds, grace_seconds]))
+
+    def delivery_settled(self, job_id: str) -> None:
+        """Take a job out of the pending deliveries (delivered, failed for good, or gone)."""
+        self._redis.zrem(self._DELIVERIES, job_id)
 
     def acquire_delivery_lock(self, job_id: str, seconds: float) -> str | None:
         """A token when this caller may attempt the job's delivery now, None while another attempt
@@ -324,6 +349,10 @@ class JobStore:
         if state == "delivered":
             fields["delivered_at"] = now
         self._redis.hset(self._job_key(job_id), mapping=fields)
+        if state in ("delivered", "failed"):
+            self.delivery_settled(job_id)
+        elif next_attempt_at is not None:
+            self._schedule(keys=[self._DELIVERIES], args=[max(0.0, next_attempt_at - now), job_id, ""])
 
     # --- reads --------------------------------------------------------------------------------------
     def get(self, job_id: str) -> dict:

@@ -247,8 +247,10 @@ def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
         job = jobs.get(job_id)
     except JobNotFound:
         log.warning("callback of job %s not sent: the job record is gone", job_id)
+        jobs.delivery_settled(job_id)
         return "gone"
     if job["callback"]["state"] in ("delivered", "failed"):
+        jobs.delivery_settled(job_id)  # a copy re-sent by the sweep finds it done
         return job["callback"]["state"]
     attempts, started_at = jobs.start_delivery_attempt(job_id)
     try:

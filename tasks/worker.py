@@ -60,9 +60,10 @@ class OutboxDispatch(bootsteps.StartStopStep):
         settings = worker.app.stemgen_settings
         if not settings.dispatcher_enabled:
             return
-        from tasks.stem_tasks import job_store, send_job_chord
+        from tasks.stem_tasks import deliver_callback, job_store, send_job_chord
 
-        dispatcher = OutboxDispatcher.from_settings(settings, job_store(worker.app), send_job_chord)
+        dispatcher = OutboxDispatcher.from_settings(settings, job_store(worker.app), send_job_chord,
+                                                    resend_delivery=deliver_callback.delay)
         self.thread = DispatcherThread(dispatcher)
         self.thread.start()
         log.info("outbox dispatcher started (every %.2gs when idle)", settings.dispatcher_poll_seconds)

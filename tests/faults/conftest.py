@@ -111,6 +111,7 @@ def stack_env(fault_tmp, redis_server, azurite) -> dict[str, str]:
         CALLBACK_CONNECT_TIMEOUT_SECONDS="2",
         CALLBACK_TIMEOUT_SECONDS="5",
         CALLBACK_DELIVERY_WINDOW_SECONDS="900",
+        DELIVERY_SWEEP_GRACE_SECONDS="20",
         BATCH_WINDOW_SECONDS="0.3",
         WORKER_CONCURRENCY="4",
         LOG_LEVEL="INFO",

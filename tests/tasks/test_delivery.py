@@ -188,3 +188,37 @@ def test_unreachable_job_store_retries_the_tasks(monkeypatch):
             else:
                 task.run("0" * 32)
         assert isinstance(retried[0], stem_tasks.JOBSTORE_UNREACHABLE)
+
+
+def pending_deliveries(store) -> dict[str, float]:
+    return dict(store._redis.zrange(store._DELIVERIES, 0, -1, withscores=True))
+
+
+def test_pending_deliveries_are_scheduled_and_settled(store, configure, sent):
+    configure()
+    with CallbackReceiver(status_codes=[503]) as receiver:
+        job_id = store.create({"generation_request_id": "g", "audio_file_id": "a",
+                               "target_stems": ["bass"],
+                               "parameters": {"target_bpm": 120, "duration_seconds": 4}},
+                              ["bass"], receiver.url).job_id
+        stem_tasks.finalize_request.run([{"stem": "bass", "status": "completed"}], job_id)
+        handed_off = pending_deliveries(store)[job_id]  # due at once
+        assert isinstance(deliver(job_id), RetryLater)
+        assert pending_deliveries(store)[job_id] >= handed_off + 1.5  # rescheduled: next attempt
+        assert deliver(job_id) == "delivered"
+    assert pending_deliveries(store) == {}
+    store.mark_delivery_enqueued(job_id)  # e.g. a late finalize copy: the entry comes back
+    assert deliver(job_id) == "delivered" and pending_deliveries(store) == {}  # a copy settles it
+
+
+def test_failed_for_good_and_gone_deliveries_are_settled(store, configure):
+    configure(callback_delivery_window_seconds=0)
+    with CallbackReceiver(status_codes=[503]) as receiver:
+        job_id = finished_job(store, receiver.url)
+        store.mark_delivery_enqueued(job_id)
+        assert deliver(job_id) == "failed"
+    assert pending_deliveries(store) == {}
+    gone = finished_job(store, "http://127.0.0.1:9/cb")
+    store.mark_delivery_enqueued(gone)
+    store._redis.delete(store._job_key(gone))  # the record expired
+    assert deliver(gone) == "gone" and pending_deliveries(store) == {}

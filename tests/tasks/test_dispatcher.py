@@ -141,3 +141,39 @@ def test_send_job_chord_sends_the_stems_then_finalize(store, monkeypatch):
     assert (body.task, body.args, body.immutable) == ("stemgen.finalize_request", (job_id,), False)
     app = stem_tasks.app
     assert app.amqp.router.route({}, "stemgen.generate_stem")["queue"].name == app.stemgen_settings.stems_queue
+
+
+def test_overdue_deliveries_are_sent_again_once_per_grace_period(store):
+    late, on_time = new_job(store, "gen-1"), new_job(store, "gen-2")
+    store.mark_delivery_enqueued(late)  # due now; its message then lost
+    store.update_delivery(on_time, "pending", next_attempt_at=time.time() + 60)
+    resent = []
+    dispatcher = OutboxDispatcher(store, Broker(), resend_delivery=resent.append,
+                                  delivery_grace_seconds=0.2)
+    assert dispatcher.resend_overdue_deliveries() == 0  # not yet past the grace period
+    time.sleep(0.3)
+    assert dispatcher.resend_overdue_deliveries() == 1 and resent == [late]
+    assert dispatcher.resend_overdue_deliveries() == 0  # leased for another grace period
+    time.sleep(0.3)
+    assert dispatcher.resend_overdue_deliveries() == 1 and resent == [late, late]
+    store.update_delivery(late, "delivered")
+    time.sleep(0.3)
+    assert dispatcher.resend_overdue_deliveries() == 0
+    assert OutboxDispatcher(store, Broker()).resend_overdue_deliveries() == 0  # no sweep configured
+
+
+def test_the_thread_resends_overdue_deliveries(store):
+    job_id = new_job(store)
+    store.mark_delivery_enqueued(job_id)
+    resent = []
+    thread = DispatcherThread(OutboxDispatcher(store, Broker(), poll_seconds=0.02,
+                                               resend_delivery=resent.append,
+                                               delivery_grace_seconds=0.1))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not resent and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        thread.stop(timeout=2)
+    assert resent and set(resent) == {job_id}
