@@ -1,8 +1,9 @@
 """Worker process hooks: load the model at process start, answer health questions.
 
 - ``worker_init`` (threads pool, the default) or ``worker_process_init`` (prefork children): the
-  process loads MusicGen once (tasks.model_cache) and runs a short warm-up generation, so the first
-  request does not pay for loading.
+  process loads MusicGen once (tasks.model_cache), runs a short warm-up generation and renders one
+  synthetic stem (stems.render.warm_up), so the first request pays neither for loading nor for
+  librosa's lazy imports and numba compilation.
 - ``OutboxDispatch`` bootstep: the worker runs the outbox dispatcher (tasks.dispatcher) on a thread
   while it runs (unless ``DISPATCHER_ENABLED=false``), so every deployment with a worker dispatches.
 - ``stemgen_info`` remote-control command: the worker's model and device, for ``GET /health``.
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from celery import bootsteps
 from celery.signals import worker_init, worker_process_init
 from celery.worker.control import inspect_command
 
 from stems.engine import resolve_device
+from stems.render import warm_up as render_warm_up
 from tasks.app import app
 from tasks.dispatcher import DispatcherThread, OutboxDispatcher
 from tasks.model_cache import engine_for
@@ -33,7 +36,10 @@ def _load_model() -> None:
         return
     engine = engine_for(settings)
     engine.warm_up()
-    log.info("worker process %s: %s loaded on %s", os.getpid(), settings.musicgen_model, engine.device)
+    started = time.perf_counter()
+    render_warm_up(engine.sample_rate)
+    log.info("worker process %s: %s loaded on %s (render warm-up %.1fs)", os.getpid(),
+             settings.musicgen_model, engine.device, time.perf_counter() - started)
 
 
 @worker_init.connect

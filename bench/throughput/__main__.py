@@ -177,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.pipeline and clips is not None:
         from bench.throughput.pipeline import Pipeline
+        from stems.render import warm_up as render_warm_up
 
         model_seconds = statistics_median([r.wall_seconds for r in worker_runs])
         pipeline = Pipeline(settings)
         try:
             stems_audio = dict(zip(stems, clips))
+            t = time.perf_counter()
+            render_warm_up(worker.engine.sample_rate)  # as tasks.worker does at process start
+            warm_up_seconds = time.perf_counter() - t
             cold = pipeline.run(stems_audio, worker.engine.sample_rate, duration_seconds=args.duration)
             warm = pipeline.run(stems_audio, worker.engine.sample_rate, duration_seconds=args.duration)
         finally:
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
               f"concurrent threads, upload: {warm.upload}): {warm.wall_seconds:.3f}s wall "
               f"= {100 * warm.wall_seconds / model_seconds:.2f}% of model time {model_seconds:.2f}s "
               f"(summed over stems: render {per['render']:.3f}s, upload {per['upload']:.3f}s, "
-              f"callback {per['callback']:.3f}s; first request in a process: {cold.wall_seconds:.3f}s)")
+              f"callback {per['callback']:.3f}s; first request in a process: {cold.wall_seconds:.3f}s, after "
+              f"the worker's render warm-up of {warm_up_seconds:.3f}s)")
 
     print(f"load average at end (1/5/15 min): {load_average()}; bench wall {time.perf_counter() - bench_started:.0f}s")
     busy_warning()
