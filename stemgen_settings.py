@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     musicgen_model: str = "facebook/musicgen-small"
     #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
     stemgen_device: str = "auto"
-    #: Load the model (and run a short warm-up) when a worker process starts.
+    #: Load the model, run a short warm-up generation and render one synthetic stem (librosa's
+    #: lazy imports, numba compilation) when a worker process starts.
     preload_model: bool = True
     #: Dynamic batching (stems.batching): most clips per MusicGen call, how long the first request
     #: of a batch waits for company, and the duration granularity of a batch.
