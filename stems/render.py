@@ -80,12 +80,14 @@ def render_stem(audio: np.ndarray, sample_rate: int, *, bpm: float, duration_sec
 def warm_up(sample_rate: int = 32000) -> RenderedStem:
     """Render one synthetic stem so a worker's first real stem does not pay for lazy set-up.
 
-    librosa loads its submodules on first use (lazy_loader), and importing them compiles its numba
-    ufuncs: in a fresh process the first stem took 3.3-4.4 s to render and the next 0.2 s (2-core
-    box; once, in ``make bench`` after musicgen-small generation, a request's first three stems
-    took 25 s). The clip is a 2-bar click track played at
-    118 BPM and conformed to 120 BPM, so the beat tracker, the variable-ratio stretch and the
-    loudness path all run.
+    librosa loads its submodules on first use (lazy_loader) and its numba functions are compiled
+    on first use, then cached on disk (``cache=True``; ``NUMBA_CACHE_DIR``). On the 2-core box, the
+    first stem of a process took 3.3-4.4 s with numba's cache on disk and 23-34 s without it (the
+    first process after an install); the next stem 0.2 s. ``make install`` and the Docker image
+    run this once so that the cache exists before a worker starts. The clip is a 2-bar click track
+    played at 118 BPM and conformed to 120 BPM, so the beat tracker, the variable-ratio stretch
+    and the loudness path all run; it compiles every numba signature that mono and stereo stems
+    use (tests/stems/test_render.py).
 
     Args:
         sample_rate: Hz, the rate the worker's model generates at.

@@ -53,3 +53,15 @@ def test_gevent_worker_yields_after_each_request(monkeypatch):
     namespace["post_request"](GeventWorker(), None, {}, None)
     namespace["post_request"](ThreadWorker(), None, {}, None)
     assert len(yields) == 1
+
+
+def test_image_carries_a_numba_cache_written_by_the_runtime_user():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    cache_dir = re.search(r"NUMBA_CACHE_DIR=(\S+)", dockerfile).group(1)
+    assert "NUMBA_CPU_NAME=generic" in dockerfile  # valid on any host CPU, not only the builder's
+    user_at = dockerfile.index("USER stemgen")
+    assert dockerfile.index("from stems.render import warm_up; warm_up()") > user_at
+    assert re.search(rf"chown stemgen .*{re.escape(cache_dir)}", dockerfile)
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    mounts = [v.split(":")[1] for s in compose["services"].values() for v in s.get("volumes", [])]
+    assert not any(cache_dir.startswith(m) for m in mounts)  # a volume would hide the image's cache
