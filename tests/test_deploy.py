@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,27 @@ def test_image_carries_a_numba_cache_written_by_the_runtime_user():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     mounts = [v.split(":")[1] for s in compose["services"].values() for v in s.get("volumes", [])]
     assert not any(cache_dir.startswith(m) for m in mounts)  # a volume would hide the image's cache
+
+
+@pytest.mark.parametrize(("value", "frozen"), [(None, True), ("false", False)])
+def test_worker_freezes_the_loaded_app_out_of_the_collectors_reach(monkeypatch, value, frozen):
+    import gc
+
+    if value is None:
+        monkeypatch.delenv("GUNICORN_GC_FREEZE", raising=False)
+    else:
+        monkeypatch.setenv("GUNICORN_GC_FREEZE", value)
+    namespace: dict = {}
+    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    namespace["post_worker_init"](object())
+    assert calls == (["freeze"] if frozen else [])
+
+
+def test_env_example_lists_every_gunicorn_variable():
+    conf = (ROOT / "deploy" / "gunicorn.conf.py").read_text()
+    example = (ROOT / ".env.example").read_text()
+    used = set(re.findall(r'os\.environ\.get\("(GUNICORN_\w+)"', conf))
+    listed = set(re.findall(r"^# (GUNICORN_\w+)=", example, flags=re.M))
+    assert used and used == listed

@@ -188,6 +188,8 @@ def parse_args(argv):
                    help="GUNICORN_WORKER_CLASS (default: the config's)")
     p.add_argument("--access-log", default=None,
                    help="GUNICORN_ACCESSLOG (default: the config's; '' turns it off)")
+    p.add_argument("--gc-freeze", default=None, choices=("true", "false"),
+                   help="GUNICORN_GC_FREEZE (default: the config's, true)")
     p.add_argument("--log-level", default=None, help="LOG_LEVEL of the app (default: settings)")
     p.add_argument("--app", default="api:create_app()",
                    help="WSGI app gunicorn serves (default: api:create_app(); for trying variants)")
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
                 "CALLBACK_ALLOW_LOOPBACK": "true"})
     for name, value in (("GUNICORN_WORKERS", args.workers), ("GUNICORN_THREADS", args.threads),
                         ("GUNICORN_WORKER_CLASS", args.worker_class),
-                        ("GUNICORN_ACCESSLOG", args.access_log), ("LOG_LEVEL", args.log_level)):
+                        ("GUNICORN_ACCESSLOG", args.access_log), ("GUNICORN_GC_FREEZE", args.gc_freeze),
+                        ("LOG_LEVEL", args.log_level)):
         if value is not None:
             env[name] = str(value)
     flush_redis()
@@ -222,10 +225,11 @@ def main(argv=None) -> int:
         config = subprocess.run(
             [sys.executable, "-c", "import runpy; c = runpy.run_path('deploy/gunicorn.conf.py'); "
              "print(c['workers'], c['threads'] if c['worker_class'] == 'gthread' else '-', "
-             "c['worker_class'], repr(c.get('accesslog')))"],
+             "c['worker_class'], repr(c.get('accesslog')), c['gc_freeze'])"],
             cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
         print(f"gateway: gunicorn {' '.join(config[2:3])} workers={config[0]} threads={config[1]} "
-              f"accesslog={config[3] if len(config) > 3 else '?'} ({len(workers)} worker processes), "
+              f"accesslog={config[3] if len(config) > 3 else '?'} "
+              f"gc_freeze={config[4] if len(config) > 4 else '?'} ({len(workers)} worker processes), "
               f"broker/result Redis DBs {BROKER_DB}/{RESULT_DB}, {os.cpu_count()} cores, "
               f"load average {os.getloadavg()[0]:.2f}")
         if args.warmup > 0:
