@@ -90,6 +90,30 @@ def load_average() -> str:
         return "n/a"
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat, Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cores(since_busy: float | None, since_own: float, since_wall: float) -> float | None:
+    """Cores' worth of CPU that processes other than this one used since the given marks.
+
+    The machine's busy time (/proc/stat) minus this process's CPU time (all its threads), over the
+    wall time: unlike the load average at the end, it does not count the bench's own threads.
+    """
+    now = _busy_cpu_seconds()
+    if now is None or since_busy is None:
+        return None
+    wall = time.perf_counter() - since_wall
+    return max(0.0, (now - since_busy) - (time.process_time() - since_own)) / wall if wall > 0 else None
+
+
 def busy_warning() -> None:
     """Other processes on the cores make torch's OpenMP threads wait on each other at every op:
     then 2-thread runs slow down several-fold at random and the figures mean little."""
@@ -121,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_options = {"num_threads": args.threads, "kv_buffer": args.kv_buffer,
                       "cross_attention_cache": args.cross_attention_cache}
     bench_started = time.perf_counter()
+    busy_at_start, own_at_start = _busy_cpu_seconds(), time.process_time()
 
     print(f"device: {describe_device(device)}")
     print(f"load average at start (1/5/15 min): {load_average()}")
@@ -198,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
               f"callback {per['callback']:.3f}s; first request in a process: {cold.wall_seconds:.3f}s, after "
               f"the worker's render warm-up of {warm_up_seconds:.3f}s)")
 
-    print(f"load average at end (1/5/15 min): {load_average()}; bench wall {time.perf_counter() - bench_started:.0f}s")
-    busy_warning()
+    others = others_cores(busy_at_start, own_at_start, bench_started)
+    print(f"load average at end (1/5/15 min): {load_average()} (the bench's own threads included); "
+          f"bench wall {time.perf_counter() - bench_started:.0f}s")
+    if others is not None:
+        print(f"other processes used {others:.2f} of {os.cpu_count()} cores during the bench"
+              + (" (WARNING: timings are unreliable; rerun on an idle machine)" if others > 0.25 else ""))
     print(f"throughput_ratio={ratio:.2f}")
     return 0
 
