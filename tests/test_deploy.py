@@ -9,6 +9,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _gunicorn_config() -> dict:
+    """deploy/gunicorn.conf.py evaluated as gunicorn does, under the current environment."""
+    namespace: dict = {}
+    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    return namespace
+
+
 def test_compose_services_and_gpu_reservation():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
@@ -30,8 +37,7 @@ def test_dockerfile_copies_what_exists():
 
 
 def test_gunicorn_config_loads():
-    namespace: dict = {}
-    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    namespace = _gunicorn_config()
     assert namespace["workers"] >= 1 and namespace["timeout"] > 0
     assert namespace["worker_class"] == "gevent" and namespace["reuse_port"]
     assert namespace["accesslog"] is None  # GUNICORN_ACCESSLOG=- turns it on
@@ -40,8 +46,7 @@ def test_gunicorn_config_loads():
 def test_gevent_worker_yields_after_each_request(monkeypatch):
     import gevent
 
-    namespace: dict = {}
-    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    namespace = _gunicorn_config()
     yields = []
     monkeypatch.setattr(gevent, "idle", lambda *a: yields.append(a))
 
@@ -76,8 +81,7 @@ def test_worker_freezes_the_loaded_app_out_of_the_collectors_reach(monkeypatch, 
         monkeypatch.delenv("GUNICORN_GC_FREEZE", raising=False)
     else:
         monkeypatch.setenv("GUNICORN_GC_FREEZE", value)
-    namespace: dict = {}
-    exec((ROOT / "deploy" / "gunicorn.conf.py").read_text(), namespace)
+    namespace = _gunicorn_config()
     calls = []
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     namespace["post_worker_init"](object())
