@@ -8,8 +8,8 @@ call ``StemBatcher.generate``; a single generation thread collects the requests 
 call, and hands each caller its own clip. This is the dynamic batching of inference servers (as in
 NVIDIA Triton's dynamic batcher or TorchServe's batch_size/max_batch_delay).
 
-Requests share a call when they have the same sampling parameters, the same seed and the same
-duration bucket (durations rounded up to ``bucket_seconds``; the batch generates the longest and each
+Requests share a call when they have the same sampling parameters, the same seed, the same audio
+conditioning (if any) and the same duration bucket (durations rounded up to ``bucket_seconds``; the batch generates the longest and each
 clip is cut to its own length).
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stems.engine import ProgressCallback, SamplingParams, StemEngine
+from stems.engine import AudioConditioning, ProgressCallback, SamplingParams, StemEngine
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class _Pending:
     sampling: SamplingParams
     seed: int | None
     progress: ProgressCallback | None
+    conditioning: AudioConditioning | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -79,8 +80,12 @@ class StemBatcher:
 
     def generate(self, prompt: str, duration_seconds: float, *,
                  sampling: SamplingParams = SamplingParams(), seed: int | None = None,
-                 progress: ProgressCallback | None = None, timeout: float | None = None) -> np.ndarray:
+                 progress: ProgressCallback | None = None, timeout: float | None = None,
+                 conditioning: AudioConditioning | None = None) -> np.ndarray:
         """Generate one clip, batched with whatever compatible requests arrive meanwhile.
+
+        ``conditioning`` (see stems.engine.AudioConditioning) is batched only with requests that
+        carry the same conditioning (same kind and fingerprint).
 
         Returns:
             float32 ``[channels, samples]``, ``round(duration_seconds * sample_rate)`` samples.
@@ -93,7 +98,7 @@ class StemBatcher:
             raise ValueError("duration_seconds must be > 0")
         if not self._thread.is_alive():
             raise RuntimeError("the stem batcher's generation thread has stopped")
-        pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress)
+        pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress, conditioning)
         self._queue.put(pending)
         return pending.future.result(timeout)
 
@@ -103,7 +108,8 @@ class StemBatcher:
     # --- generation thread ------------------------------------------------------------------------------
     def _key(self, item: _Pending) -> tuple:
         bucket = math.ceil(item.duration_seconds / self.bucket_seconds - 1e-9)
-        return bucket, item.sampling, item.seed
+        cond = item.conditioning
+        return bucket, item.sampling, item.seed, (cond.kind, cond.fingerprint) if cond else None
 
     def _collect(self) -> list[_Pending]:
         first = self._queue.get()
@@ -157,7 +163,8 @@ class StemBatcher:
             try:
                 audio = self.engine.generate([item.prompt for item in group], duration,
                                              sampling=group[0].sampling, seed=group[0].seed,
-                                             progress=fan_out if callbacks else None)
+                                             progress=fan_out if callbacks else None,
+                                             conditioning=group[0].conditioning)
             finally:
                 self._progress.flush()  # a caller's last progress precedes its result
         except BaseException as exc:  # every waiting caller gets the failure

@@ -44,6 +44,36 @@ class SamplingParams:
 ProgressCallback = Callable[[float], None]
 
 
+@dataclass(frozen=True, eq=False)
+class AudioConditioning:
+    """Audio that conditions a generation besides the text.
+
+    - ``"chroma"``: the chromagram of ``audio`` conditions a melody MusicGen
+      (``MusicGen.generate_with_chroma``; musicgen-melody and musicgen-stereo-melody only): the
+      generation follows its harmony.
+    - ``"continuation"``: the generation continues ``audio`` (``MusicGen.generate_continuation``);
+      only the continuation is returned, not the prompt.
+
+    Attributes:
+        kind: "chroma" or "continuation".
+        audio: float32 ``[channels, samples]``.
+        sample_rate: Hz of ``audio`` (audiocraft resamples it to the model's rate).
+        fingerprint: identifies the audio (e.g. a hash of the plan or of the source file): rows of
+            a batched call share one conditioning, so only equal fingerprints are batched together.
+    """
+
+    kind: str
+    audio: np.ndarray
+    sample_rate: int
+    fingerprint: str
+
+    def __post_init__(self):
+        if self.kind not in ("chroma", "continuation"):
+            raise ValueError(f"unknown conditioning kind {self.kind!r}")
+        if np.asarray(self.audio).ndim != 2:
+            raise ValueError("conditioning audio must be [channels, samples]")
+
+
 def resolve_device(device: str = "auto") -> str:
     """Map "auto" to "cuda" when a CUDA device is visible, else "cpu"; other values pass through."""
     if device != "auto":
@@ -53,15 +83,24 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tiny_checkpoint_dir() -> Path:
-    """Directory of the shared tiny checkpoint, written once (atomically) on first use."""
+#: Random-weight checkpoints written on first use (tests, offline runs): a text model and a
+#: melody-conditioned one (chroma conditioner; its tiny htdemucs lives in the checkpoint directory).
+TINY_MODELS = {"tiny": False, "tiny-melody": True}
+
+
+def tiny_checkpoint_dir(name: str = TINY) -> Path:
+    """Directory of the shared tiny checkpoint ``name`` (see TINY_MODELS), written once
+    (atomically) on first use."""
     from stems.checkpoint import is_checkpoint_dir, write_checkpoint
 
-    target = Path(os.environ.get("STEMGEN_CACHE_DIR") or Path(tempfile.gettempdir()) / "stemgen") / "tiny-musicgen"
+    melody = TINY_MODELS[name]
+    root = Path(os.environ.get("STEMGEN_CACHE_DIR") or Path(tempfile.gettempdir()) / "stemgen")
+    target = root / ("tiny-musicgen-melody" if melody else "tiny-musicgen")
     if not is_checkpoint_dir(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=target.parent))
-        write_checkpoint(staging, "tiny", seed=0)
+        # a melody model's window must exceed audiocraft's default extend stride (18 s)
+        write_checkpoint(staging, "tiny", seed=0, melody=melody, max_duration_seconds=30.0)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; its checkpoint is identical
@@ -70,9 +109,22 @@ def tiny_checkpoint_dir() -> Path:
 
 
 def _model_source(name: str) -> str:
-    if name == TINY:
-        return str(tiny_checkpoint_dir())
+    if name in TINY_MODELS:
+        return str(tiny_checkpoint_dir(name))
     return name
+
+
+def _load_musicgen(source: str, device: str):
+    """``MusicGen.get_pretrained(source)``; a checkpoint directory that carries its own torch.hub
+    cache (``stems.checkpoint.melody_torch_home``: the tiny htdemucs a melody conditioner loads)
+    is loaded with TORCH_HOME pointing there."""
+    from audiocraft.models import MusicGen
+    from stems.checkpoint import melody_environment, melody_torch_home
+
+    if melody_torch_home(source).is_dir():
+        with melody_environment(source):
+            return MusicGen.get_pretrained(source, device=device)
+    return MusicGen.get_pretrained(source, device=device)
 
 
 ATTENTION_BACKENDS = ("torch", "xformers")
@@ -230,14 +282,13 @@ class StemEngine:
         # audiocraft's config code reads $USER, unset in some containers.
         os.environ.setdefault("USER", "stemgen")
         import torch
-        from audiocraft.models import MusicGen
         from audiocraft.modules.transformer import set_efficient_attention_backend
 
         self.model_name = model
         self.device = resolve_device(device)
         set_efficient_attention_backend(attention_backend)
         try:
-            self._model = MusicGen.get_pretrained(_model_source(model), device=self.device)
+            self._model = _load_musicgen(_model_source(model), self.device)
         except Exception as exc:  # audiocraft raises assorted types (OSError, KeyError, HF errors)
             raise ModelLoadError(f"cannot load MusicGen model {model!r}: {exc}") from exc
         self._num_threads = num_threads
@@ -257,47 +308,62 @@ class StemEngine:
         return int(self._model.sample_rate)
 
     @property
+    def supports_melody(self) -> bool:
+        """True for a melody-conditioned MusicGen (a ``self_wav`` chroma conditioner), which
+        accepts ``AudioConditioning(kind="chroma")``."""
+        return "self_wav" in self._model.lm.condition_provider.conditioners
+
+    @property
     def max_duration_seconds(self) -> float:
         """Longest clip generated in one window; longer ones are extended by audiocraft."""
         return float(self._model.max_duration)
 
     def generate(self, prompts: list[str], duration_seconds: float, *,
                  sampling: SamplingParams = SamplingParams(), seed: int | None = None,
-                 progress: ProgressCallback | None = None) -> np.ndarray:
+                 progress: ProgressCallback | None = None,
+                 conditioning: AudioConditioning | None = None) -> np.ndarray:
         """Generate one clip per prompt, all in one batched call.
 
         Args:
             prompts: text descriptions, one per stem (batch size = len(prompts)).
-            duration_seconds: length of every clip, seconds (> 0).
+            duration_seconds: length of every clip, seconds (> 0); with a continuation, the length
+                of the continuation (the prompt audio is not part of the result).
             sampling: top-k / top-p / temperature / classifier-free guidance coefficient.
             seed: torch RNG seed; None leaves the RNG as it is.
             progress: called with the fraction done (0..1) as tokens are generated.
+            conditioning: audio that conditions every row (see AudioConditioning).
 
         Returns:
             float32 array ``[batch, channels, samples]`` at ``sample_rate`` Hz.
 
         Raises:
-            ValueError: for an empty prompt list or a non-positive duration.
+            ValueError: for an empty prompt list, a non-positive duration, or chroma conditioning
+                on a model without a chroma conditioner.
             GenerationError: when audiocraft fails.
         """
         if not prompts:
             raise ValueError("prompts must not be empty")
         if duration_seconds <= 0:
             raise ValueError("duration_seconds must be > 0")
+        if conditioning is not None and conditioning.kind == "chroma" and not self.supports_melody:
+            raise ValueError(f"{self.model_name} is not a melody model: no chroma conditioning")
+        prompt_seconds = 0.0
+        if conditioning is not None and conditioning.kind == "continuation":
+            prompt_seconds = conditioning.audio.shape[-1] / conditioning.sample_rate
         torch = self._torch
         with self._lock:
             model = self._model
             model.set_generation_params(
                 use_sampling=True, top_k=sampling.top_k, top_p=sampling.top_p,
                 temperature=sampling.temperature, cfg_coef=sampling.cfg_coef,
-                duration=duration_seconds,
+                duration=prompt_seconds + duration_seconds,
                 extend_stride=min(18.0, self.max_duration_seconds / 2),
             )
             if progress is not None:
                 # audiocraft reports tokens done across extension windows but the total of the
                 # current window only, so the fraction is taken against the whole clip's tokens.
                 # Overlapping windows can make the count step back: report the running maximum.
-                total_tokens = max(1, int(duration_seconds * model.frame_rate))
+                total_tokens = max(1, int((prompt_seconds + duration_seconds) * model.frame_rate))
                 reported = [0.0]
 
                 def on_tokens(done: int, _window_total: int) -> None:
@@ -317,12 +383,27 @@ class StemEngine:
                 torch.manual_seed(seed)
             try:
                 with torch.inference_mode():
-                    wav = model.generate(list(prompts), progress=progress is not None)
+                    wav = self._call_model(list(prompts), conditioning, progress is not None)
             except Exception as exc:
                 raise GenerationError(f"MusicGen generation failed: {exc}") from exc
             if progress is not None and reported[0] < 1.0:
                 progress(1.0)  # audiocraft's count is approximate across extension windows
-        return wav.float().cpu().numpy()
+        audio = wav.float().cpu().numpy()
+        if prompt_seconds:
+            audio = audio[..., int(round(prompt_seconds * self.sample_rate)):]
+        return audio
+
+    def _call_model(self, prompts: list[str], conditioning: AudioConditioning | None, progress: bool):
+        model, torch = self._model, self._torch
+        if conditioning is None:
+            return model.generate(prompts, progress=progress)
+        audio = torch.from_numpy(np.ascontiguousarray(conditioning.audio, dtype=np.float32))
+        batch = audio[None].expand(len(prompts), -1, -1).to(self.device)
+        if conditioning.kind == "chroma":
+            return model.generate_with_chroma(prompts, batch, conditioning.sample_rate,
+                                              progress=progress)
+        return model.generate_continuation(batch, conditioning.sample_rate, prompts,
+                                           progress=progress)
 
     def warm_up(self, batch_size: int = 1, duration_seconds: float = 0.5) -> None:
         """Run one short generation so first-request latency excludes lazy initialisation

@@ -94,3 +94,22 @@ def test_rejects_bad_arguments(engine):
         StemBatcher(engine, max_batch=0)
     with pytest.raises(ValueError):
         StemBatcher(engine).generate("x", 0)
+
+
+def test_only_equal_conditioning_shares_a_call(engine):
+    from stems.engine import AudioConditioning
+
+    batcher = StemBatcher(engine, max_batch=8, window_seconds=0.5)
+    tail = np.zeros((1, 16000), np.float32)
+    tail[0, ::400] = 0.5
+    song_a = AudioConditioning("continuation", tail, 32000, "song-a")
+    song_b = AudioConditioning("continuation", tail * 0.5, 32000, "song-b")
+    results, errors = call_concurrently(batcher, [
+        {"prompt": "bass", "duration_seconds": 1.0, "conditioning": song_a},
+        {"prompt": "guitar", "duration_seconds": 1.0, "conditioning": song_a},
+        {"prompt": "drums", "duration_seconds": 1.0, "conditioning": song_b},
+        {"prompt": "plain", "duration_seconds": 1.0},
+    ])
+    assert errors == [None] * 4
+    assert all(r.shape == (1, 32000) for r in results)
+    assert sorted(batcher.stats().recent_sizes) == [1, 1, 2]

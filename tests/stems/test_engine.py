@@ -64,3 +64,47 @@ def test_missing_model_is_typed(tmp_path):
 def test_resolve_device():
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_continuation_returns_only_what_follows_the_prompt(engine):
+    from stems.engine import AudioConditioning
+
+    prompt = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 16000)).astype(np.float32)  # 1 s stereo
+    conditioning = AudioConditioning("continuation", prompt, 16000, "song")
+    seen = []
+    audio = engine.generate(["bass", "drums"], 1.5, conditioning=conditioning, seed=3,
+                            progress=seen.append)
+    assert audio.shape == (2, 1, 48000)
+    assert np.isfinite(audio).all()
+    assert seen[-1] == pytest.approx(1.0)
+    assert not engine.supports_melody
+
+
+def test_chroma_needs_a_melody_model(engine):
+    from stems.engine import AudioConditioning
+
+    chroma = AudioConditioning("chroma", np.zeros((1, 32000), np.float32), 32000, "plan")
+    with pytest.raises(ValueError, match="not a melody model"):
+        engine.generate(["bass"], 1.0, conditioning=chroma)
+    with pytest.raises(ValueError):
+        AudioConditioning("reverb", np.zeros((1, 10), np.float32), 32000, "x")
+    with pytest.raises(ValueError):
+        AudioConditioning("chroma", np.zeros(10, np.float32), 32000, "x")
+
+
+def test_tiny_melody_model_follows_a_chromagram(tmp_path, monkeypatch):
+    from stems.engine import AudioConditioning
+
+    monkeypatch.setenv("STEMGEN_CACHE_DIR", str(tmp_path))
+    engine = StemEngine("tiny-melody", device="cpu")
+    assert engine.supports_melody
+    rate = 32000
+    t = np.arange(rate * 2) / rate
+    chords = (np.sin(2 * np.pi * 220 * t) + np.sin(2 * np.pi * 261.6 * t))[None].astype(np.float32)
+    chroma = AudioConditioning("chroma", chords, rate, "am")
+    a = engine.generate(["bass", "guitar"], 1.0, conditioning=chroma, seed=5)
+    b = engine.generate(["bass", "guitar"], 1.0, conditioning=chroma, seed=5)
+    assert a.shape == (2, 1, rate) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    plain = engine.generate(["drums"], 1.0, seed=5)  # no chroma: the melody model still generates
+    assert plain.shape == (1, 1, rate)

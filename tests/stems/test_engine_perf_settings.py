@@ -110,7 +110,7 @@ class _FakeEngine:
     def __init__(self, on_generate=None):
         self.on_generate = on_generate
 
-    def generate(self, prompts, duration_seconds, *, sampling, seed, progress):
+    def generate(self, prompts, duration_seconds, *, sampling, seed, progress, conditioning=None):
         if progress is not None:
             for step in range(1, 11):
                 progress(step / 10)
