@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     delivery_sweep_grace_seconds: float = Field(default=300.0, gt=0)
 
     # --- model -----------------------------------------------------------------------------------
-    #: Hub id (facebook/musicgen-small), a local checkpoint directory, or "tiny" (random weights,
+    #: Hub id (facebook/musicgen-small, facebook/musicgen-melody), a local checkpoint directory, or
+    #: "tiny" / "tiny-melody" (random weights,
     #: made on the fly; for tests and offline runs).
     musicgen_model: str = "facebook/musicgen-small"
     #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
@@ -82,6 +83,26 @@ class Settings(BaseSettings):
     default_top_p: float = 0.0
     default_temperature: float = 1.0
     default_cfg_coef: float = 3.0
+
+    # --- musical plan, ensemble generation, source audio -------------------------------------------
+    #: Demucs model that separates an ensemble generation into stems (demucs.pretrained name;
+    #: htdemucs_6s has drums, bass and guitar sources). Loaded on the first ensemble request.
+    separation_model: str = "htdemucs_6s"
+    #: Demucs ``shifts`` (random-shift averaging; 0 = one pass) and ``overlap`` between segments.
+    separation_shifts: int = Field(default=0, ge=0, le=10)
+    separation_overlap: float = Field(default=0.25, ge=0, lt=1)
+    #: A separated stem whose level is this far (dB) below the mix is reported as nearly silent
+    #: (``silent: true`` and a warning in its result) and is not gained up to the loudness target.
+    separation_silent_stem_db: float = Field(default=-35.0, le=0)
+    #: Where source audio for ``condition_on_audio`` lives: blob ``audio_file_id`` in this container.
+    source_audio_container: str = "audio-files"
+    #: Largest source file fetched (bytes) and longest source decoded (seconds).
+    source_audio_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    source_audio_max_seconds: float = Field(default=600.0, gt=0)
+    #: Seconds of the source's end a text-only MusicGen continues from (generate_continuation).
+    source_prompt_seconds: float = Field(default=4.0, gt=0, le=20)
+    #: Seconds of the source whose chromagram conditions a melody MusicGen (its first seconds).
+    source_chroma_seconds: float = Field(default=30.0, gt=0, le=120)
 
     # --- request limits -------------------------------------------------------------------------
     max_duration_seconds: float = 30.0

@@ -47,14 +47,16 @@ def _json_body() -> object:
                    [{"field": "body", "message": reason, "type": "json_invalid"}])
 
 
-def _check_callback_url(url: str) -> None:
-    """The SSRF guard at submission (tasks.callback_target). A host that does not resolve now is
-    accepted: DNS trouble may be passing, and delivery checks (and retries) again."""
+def _check_outbound_url(url: str, field: str = "callback_url") -> None:
+    """The SSRF guard at submission (tasks.callback_target), for the callback URL and the source
+    audio URL. A host that does not resolve now is accepted: DNS trouble may be passing, and the
+    worker checks (and retries) again."""
     try:
         check_url(url, _callback_policy())
     except UnsafeCallbackURL as exc:
-        raise ApiError(422, "validation_error", "invalid request: callback_url",
-                       [{"field": "callback_url", "message": str(exc), "type": "callback_url_refused"}])
+        raise ApiError(422, "validation_error", f"invalid request: {field}",
+                       [{"field": field, "message": str(exc),
+                         "type": f"{field.rsplit('.', 1)[-1]}_refused"}])
     except CallbackHostUnresolvable as exc:
         log.info("accepting a callback URL that does not resolve now: %s", exc)
 
@@ -83,9 +85,11 @@ def generate():
         _json_body(), context={"max_duration_seconds": settings.max_duration_seconds})
     if parsed.callback_url:
         callback_url = str(parsed.callback_url)
-        _check_callback_url(callback_url)
+        _check_outbound_url(callback_url)
     else:  # the operator's default is checked at start-up (api.create_app) and at delivery
         callback_url = settings.default_callback_url or None
+    if parsed.parameters.source_audio_url:
+        _check_outbound_url(str(parsed.parameters.source_audio_url), "parameters.source_audio_url")
     submission = _service().submit(parsed.model_dump(mode="json"), callback_url)
     body = JobAccepted(job_id=submission.job_id, generation_request_id=parsed.generation_request_id,
                        status=submission.status, status_url=_status_url(submission.job_id),

@@ -3,9 +3,11 @@ OpenAPI document (api.openapi), so the two cannot drift apart."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from stems.plan import PlanError, parse_chord, parse_key
 
 StemName = Literal["guitar", "bass", "drums"]
 JobState = Literal["queued", "running", "completed", "failed", "partial"]
@@ -21,12 +23,36 @@ class GenerationParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    target_bpm: float = Field(ge=40, le=240, description="Tempo of every stem, BPM.")
+    # Before target_bpm and key: their validators read it (they may come from the source audio).
+    condition_on_audio: bool = Field(
+        False, description="Fit the stems to the user's song: fetch the source audio "
+                           "(audio_file_id in the source container, or source_audio_url), take its "
+                           "tempo and key when target_bpm / key are not given, and condition "
+                           "generation on it (chromagram with a melody model, else continuation).")
+    source_audio_url: Optional[AnyHttpUrl] = Field(
+        None, description="http(s) URL (e.g. a read SAS) of the source audio; used instead of "
+                          "audio_file_id with condition_on_audio. Checked like callback_url.")
+    target_bpm: Optional[float] = Field(
+        None, ge=40, le=240, validate_default=True,
+        description="Tempo of every stem, BPM. Required unless condition_on_audio is set (then it "
+                    "defaults to the source's tempo).")
     duration_seconds: float = Field(
         gt=0, description="Requested length, seconds; the stem has the whole number of bars "
                           "closest to it. At most the configured MAX_DURATION_SECONDS.")
     style: Optional[str] = Field(None, max_length=200, description='Genre or mood, e.g. "rock".')
     prompt: Optional[str] = Field(None, max_length=500, description="Free text for the model.")
+    key: Optional[str] = Field(
+        None, max_length=32, description='Key of every stem, e.g. "A minor", "F# major", "Bbm". '
+                                         "Default: from chords, the source audio, or the seed.")
+    chords: Optional[list[Annotated[str, Field(max_length=16)]]] = Field(
+        None, min_length=1, max_length=64,
+        description='Chord progression, one chord per bar, repeated over the bars, e.g. '
+                    '["Am", "F", "C", "G"]. Default: a common progression of the style in the key.')
+    arrangement: Literal["independent", "ensemble"] = Field(
+        "independent",
+        description='"independent": one MusicGen generation per stem, sharing the plan\'s key and '
+                    'chords; "ensemble": one generation of the whole arrangement, separated into '
+                    "stems with Demucs (parts of one performance).")
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="Makes a request repeatable.")
     temperature: Optional[float] = Field(None, gt=0, le=5)
     top_k: Optional[int] = Field(None, ge=0, le=2048)
@@ -34,12 +60,46 @@ class GenerationParameters(BaseModel):
     cfg_coef: Optional[float] = Field(None, ge=0, le=20, description="Classifier-free guidance.")
     loop: bool = Field(False, description="Make each stem loop seamlessly (end joins start).")
 
+    @field_validator("target_bpm", mode="after")
+    @classmethod
+    def _bpm_given_or_from_source(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value is None and not info.data.get("condition_on_audio"):
+            raise ValueError("is required unless condition_on_audio is true")
+        return value
+
     @field_validator("duration_seconds")
     @classmethod
     def _within_configured_max(cls, value: float, info: ValidationInfo) -> float:
         limit = (info.context or {}).get("max_duration_seconds")
         if limit is not None and value > limit:
             raise ValueError(f"must be at most {limit:g} seconds")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _known_key(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                parse_key(value)
+            except PlanError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("chords")
+    @classmethod
+    def _known_chords(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        for index, name in enumerate(value or []):
+            try:
+                parse_chord(name)
+            except PlanError as exc:
+                raise ValueError(f"chords[{index}]: {exc}") from None
+        return value
+
+    @field_validator("source_audio_url")
+    @classmethod
+    def _only_with_conditioning(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("condition_on_audio"):
+            raise ValueError("is only used with condition_on_audio: true")
         return value
 
 
@@ -105,7 +165,29 @@ class StemResult(BaseModel):
     format: Optional[str] = None
     tempo: Optional[TempoReport] = None
     loudness: Optional[LoudnessReportModel] = None
+    analysis: Optional[dict] = Field(
+        None, description="Estimated key (Krumhansl-Schmuckler over chroma) with a confidence, its "
+                          "agreement with the plan, and the per-bar chord fit (harmonic stems).")
+    silent: Optional[bool] = Field(
+        None, description="Ensemble only: the separated stem is nearly silent (level below "
+                          "SEPARATION_SILENT_STEM_DB relative to the mix); it is kept, not gained up.")
+    warnings: Optional[list[str]] = None
     error: Optional[str] = None
+
+
+class MusicalPlanModel(BaseModel):
+    """The request's musical plan (stems.plan.MusicalPlan.to_dict): every stem follows it."""
+
+    model_config = ConfigDict(extra="allow")
+    key: str = Field(description='e.g. "A minor"')
+    tonic: str
+    mode: Literal["major", "minor"]
+    bpm: float
+    bars: int
+    time_signature: str
+    progression: list[str] = Field(description="The chord cycle.")
+    chords: list[str] = Field(description="One chord per bar.")
+    source: str = Field(description="Where key and chords came from.")
 
 
 class CallbackState(BaseModel):
@@ -130,6 +212,13 @@ class JobStatus(BaseModel):
     finished_at: Optional[float]
     stems: list[StemResult]
     callback: CallbackState
+    plan: Optional[MusicalPlanModel] = Field(
+        None, description="The job's musical plan; null until known (with condition_on_audio it "
+                          "is made once the source audio is analysed).")
+    coherence: Optional[dict] = Field(
+        None, description="Once finished: each harmonic stem's estimated key against the plan "
+                          "(and the source), and the per-bar chroma fit with the plan's chords.")
+    error: Optional[str] = Field(None, description="Why the job failed, once finished.")
 
 
 class CallbackBody(BaseModel):
@@ -146,6 +235,8 @@ class CallbackBody(BaseModel):
     status: Literal["completed", "failed", "partial"]
     stems: list[StemResult]
     error: Optional[str]
+    plan: Optional[MusicalPlanModel] = None
+    coherence: Optional[dict] = None
 
 
 class FieldError(BaseModel):

@@ -36,7 +36,7 @@ def _clean(text: str | None) -> str:
 
 
 def build_stem_prompt(stem: str, bpm: float, *, style: str | None = None,
-                      prompt: str | None = None) -> str:
+                      prompt: str | None = None, harmony: str | None = None) -> str:
     """Return the MusicGen description for one stem.
 
     Args:
@@ -44,6 +44,8 @@ def build_stem_prompt(stem: str, bpm: float, *, style: str | None = None,
         bpm: target tempo in BPM, written as "N bpm" (integers without decimals).
         style: genre or mood, for example "rock"; optional.
         prompt: the user's free text; optional.
+        harmony: the plan's key and chords (stems.plan.MusicalPlan.prompt_text), for harmonic
+            stems; drums ignore it (a drum kit has no key).
 
     Raises:
         UnknownStemError: for a stem without a description.
@@ -56,5 +58,45 @@ def build_stem_prompt(stem: str, bpm: float, *, style: str | None = None,
         description = STEM_DESCRIPTIONS[stem]
     except KeyError:
         raise UnknownStemError(f"unknown stem {stem!r}; expected one of {sorted(STEM_DESCRIPTIONS)}") from None
-    parts = [_clean(style), description, _clean(prompt), f"{bpm:g} bpm"]
+    harmonic = stem in HARMONIC_STEMS
+    parts = [_clean(style), description, _clean(prompt), _clean(harmony) if harmonic else "",
+             f"{bpm:g} bpm"]
+    return ", ".join(p for p in parts if p)
+
+
+#: Stems that have a key and follow chords (the others are unpitched).
+HARMONIC_STEMS = frozenset({"guitar", "bass"})
+
+#: How each instrument is named in an ensemble description.
+ENSEMBLE_NAMES: dict[str, str] = {"guitar": "electric guitar", "bass": "bass guitar", "drums": "drum kit"}
+
+
+def build_ensemble_prompt(stems: list[str], bpm: float, *, style: str | None = None,
+                          prompt: str | None = None, harmony: str | None = None) -> str:
+    """Return the MusicGen description of one arrangement that plays every requested stem.
+
+    Used by ensemble generation: the model writes the parts together (one performance) and
+    source separation splits them afterwards. Instruments that were not requested are excluded
+    by name, so the separated stems carry less bleed.
+
+    Args:
+        stems: the requested stems, e.g. ["guitar", "bass", "drums"].
+        bpm: tempo, BPM. style, prompt: as for build_stem_prompt.
+        harmony: the plan's key and chords (stems.plan.MusicalPlan.prompt_text).
+
+    Raises:
+        UnknownStemError: for a stem without a description.
+
+    Example:
+        >>> build_ensemble_prompt(["guitar", "drums"], 100, style="rock", harmony="in E minor")
+        'rock, band playing electric guitar and drum kit, instrumental, no vocals, no bass, in E minor, 100 bpm'
+    """
+    unknown = [s for s in stems if s not in ENSEMBLE_NAMES]
+    if unknown or not stems:
+        raise UnknownStemError(f"unknown stems {unknown!r}; expected some of {sorted(ENSEMBLE_NAMES)}")
+    names = [ENSEMBLE_NAMES[s] for s in stems]
+    played = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    absent = ", ".join(f"no {s}" for s in ENSEMBLE_NAMES if s not in stems)
+    parts = [_clean(style), f"band playing {played}", "instrumental, no vocals", absent,
+             _clean(prompt), _clean(harmony), f"{bpm:g} bpm"]
     return ", ".join(p for p in parts if p)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from stems.audio import WAV_CONTENT_TYPE, encode_wav
-from stems.loudness import LoudnessReport, normalize_loudness
-from stems.tempo import TempoAnalysis, conform_to_bpm
+from stems.plan import bars_for  # noqa: F401 (re-exported: the grid length of a stem)
+from stems.loudness import LoudnessReport, integrated_loudness, normalize_loudness
+from stems.tempo import ConformResult, TempoAnalysis, conform_to_bpm
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class RenderedStem:
     duration_seconds: float
     tempo: TempoAnalysis
     loudness: LoudnessReport
+    #: the encoded audio as float32 ``[channels, samples]`` (for analysis; not in metadata)
+    audio: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict:
         """JSON-serialisable description (used in job results and the callback)."""
@@ -36,10 +39,58 @@ class RenderedStem:
         }
 
 
-def bars_for(duration_seconds: float, bpm: float, beats_per_bar: int = 4) -> int:
-    """Whole bars closest to ``duration_seconds`` at ``bpm`` (at least one)."""
-    bar_seconds = beats_per_bar * 60.0 / bpm
-    return max(1, int(math.floor(duration_seconds / bar_seconds + 0.5)))
+def conform_clip(audio: np.ndarray, sample_rate: int, *, bpm: float, duration_seconds: float,
+                 beats_per_bar: int = 4, loop: bool = False) -> ConformResult:
+    """Conform generated ``audio`` to ``bpm`` in the whole number of bars closest to
+    ``duration_seconds`` (stems.tempo.conform_to_bpm).
+
+    Args:
+        audio: float ``[channels, samples]`` as generated. sample_rate: Hz. bpm: target, BPM.
+        duration_seconds: requested length, seconds. beats_per_bar: 4 for 4/4.
+        loop: make the end join the start seamlessly.
+
+    Raises:
+        stems.tempo.TempoError: when the material cannot be conformed.
+    """
+    bars = bars_for(duration_seconds, bpm, beats_per_bar)
+    return conform_to_bpm(audio, sample_rate, bpm, bars=bars, loop=loop, beats_per_bar=beats_per_bar)
+
+
+def finish_stem(audio: np.ndarray, sample_rate: int, tempo: TempoAnalysis, *,
+                target_lufs: float = -14.0, max_true_peak_dbtp: float = -1.0,
+                normalise: bool = True) -> RenderedStem:
+    """Normalise the loudness of conformed ``audio`` and encode it as WAV.
+
+    Args:
+        audio: float ``[channels, samples]``, already on the grid. sample_rate: Hz.
+        tempo: what the conform found (reported with the stem).
+        target_lufs: integrated loudness target, LUFS (ITU-R BS.1770).
+        max_true_peak_dbtp: true-peak ceiling, dBTP.
+        normalise: False keeps the level (only the true-peak ceiling is applied), for a nearly
+            silent separated stem that gaining up would turn into loud bleed.
+    """
+    if normalise:
+        out, loudness = normalize_loudness(audio, sample_rate, target_lufs=target_lufs,
+                                           max_true_peak_dbtp=max_true_peak_dbtp)
+    else:
+        # the ceiling as the target: integrated loudness can only be far below it, so the gain
+        # is what the true-peak limit allows, which is never a boost for such a quiet stem
+        measured = integrated_loudness(audio, sample_rate)
+        out, loudness = normalize_loudness(audio, sample_rate,
+                                           target_lufs=min(measured if measured is not None
+                                                           else target_lufs, target_lufs),
+                                           max_true_peak_dbtp=max_true_peak_dbtp)
+    channels, samples = out.shape
+    return RenderedStem(
+        data=encode_wav(out, sample_rate),
+        content_type=WAV_CONTENT_TYPE,
+        sample_rate=sample_rate,
+        channels=channels,
+        duration_seconds=samples / sample_rate,
+        tempo=tempo,
+        loudness=loudness,
+        audio=out,
+    )
 
 
 def render_stem(audio: np.ndarray, sample_rate: int, *, bpm: float, duration_seconds: float,
@@ -60,21 +111,10 @@ def render_stem(audio: np.ndarray, sample_rate: int, *, bpm: float, duration_sec
     Raises:
         stems.tempo.TempoError: when the material cannot be conformed.
     """
-    bars = bars_for(duration_seconds, bpm, beats_per_bar)
-    conformed = conform_to_bpm(audio, sample_rate, bpm, bars=bars, loop=loop,
-                               beats_per_bar=beats_per_bar)
-    normalised, loudness = normalize_loudness(conformed.audio, sample_rate, target_lufs=target_lufs,
-                                              max_true_peak_dbtp=max_true_peak_dbtp)
-    channels, samples = normalised.shape
-    return RenderedStem(
-        data=encode_wav(normalised, sample_rate),
-        content_type=WAV_CONTENT_TYPE,
-        sample_rate=sample_rate,
-        channels=channels,
-        duration_seconds=samples / sample_rate,
-        tempo=conformed.analysis,
-        loudness=loudness,
-    )
+    conformed = conform_clip(audio, sample_rate, bpm=bpm, duration_seconds=duration_seconds,
+                             beats_per_bar=beats_per_bar, loop=loop)
+    return finish_stem(conformed.audio, sample_rate, conformed.analysis, target_lufs=target_lufs,
+                       max_true_peak_dbtp=max_true_peak_dbtp)
 
 
 def warm_up(sample_rate: int = 32000) -> RenderedStem:

@@ -452,6 +452,38 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
     return _Beats(times=smooth, source_bpm=float(source_bpm), confidence=confidence, downbeat_index=phase)
 
 
+def estimate_tempo(audio: np.ndarray, sample_rate: int, *, beats_per_bar: int = 4) -> tuple[float, float]:
+    """Tempo of a recording with no target to fold onto (a user's song).
+
+    librosa's tempo estimator (``librosa.feature.tempo``, an autocorrelation of the onset
+    strength with a log-normal prior around 120 BPM) gives the octave; the beat analysis that
+    conform uses (tracked beats, refined on attacks) then measures the tempo in that octave and
+    how clear the pulse is.
+
+    Args:
+        audio: float ``[channels, samples]`` (or ``[samples]``). sample_rate: Hz.
+        beats_per_bar: 4 for 4/4.
+
+    Returns:
+        ``(bpm, confidence)``: BPM, and 0..1 (0: no pulse found; bpm is then librosa's estimate).
+
+    Raises:
+        TempoError: audio that is not a finite numeric ``[channels, samples]`` array.
+    """
+    x = _validated_audio(audio)
+    mono = x.mean(axis=0).astype(np.float32)
+    y = mono if sample_rate == _ANALYSIS_SR else librosa.resample(
+        mono, orig_sr=sample_rate, target_sr=_ANALYSIS_SR, res_type="soxr_mq")
+    onset = librosa.onset.onset_strength(y=y, sr=_ANALYSIS_SR, hop_length=_HOP)
+    rough = float(librosa.feature.tempo(onset_envelope=onset, sr=_ANALYSIS_SR, hop_length=_HOP)[0])
+    if not math.isfinite(rough) or rough <= 0:
+        return 120.0, 0.0
+    beats = _analyse(mono, int(sample_rate), rough, beats_per_bar)
+    if beats is None:
+        return rough, 0.0
+    return float(beats.source_bpm), float(beats.confidence)
+
+
 # --------------------------------------------------------------------------------------------
 # warping
 

@@ -1,7 +1,9 @@
 """Azure Blob Storage for stems (the only package that imports the Azure SDK)."""
 
 from storage.blob import (
+    BlobNotFound,
     BlobStore,
+    BlobTooLarge,
     StorageError,
     StorageUnavailable,
     StoredBlob,
@@ -9,5 +11,5 @@ from storage.blob import (
     store_from_settings,
 )
 
-__all__ = ["BlobStore", "StorageError", "StorageUnavailable", "StoredBlob", "blob_name_for",
-           "store_from_settings"]
+__all__ = ["BlobNotFound", "BlobStore", "BlobTooLarge", "StorageError", "StorageUnavailable",
+           "StoredBlob", "blob_name_for", "store_from_settings"]

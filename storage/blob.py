@@ -14,6 +14,7 @@ from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
     ResourceExistsError,
+    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
@@ -34,6 +35,14 @@ class StorageError(RuntimeError):
 
 class StorageUnavailable(StorageError):
     """Blob storage could not be reached (after the SDK's retries)."""
+
+
+class BlobNotFound(StorageError):
+    """The container or blob does not exist."""
+
+
+class BlobTooLarge(StorageError):
+    """The blob is larger than the caller accepts."""
 
 
 @dataclass(frozen=True)
@@ -136,10 +145,28 @@ class BlobStore:
             expiry=datetime.now(timezone.utc) + self._sas_ttl)
         return f"{blob.url}?{sas}"
 
-    def download(self, blob_name: str) -> bytes:
-        """Read a blob's bytes (used by tests and tools)."""
+    def download(self, blob_name: str, *, max_bytes: int | None = None) -> bytes:
+        """Read a blob's bytes.
+
+        Args:
+            blob_name: name in this store's container.
+            max_bytes: refuse a larger blob (its size is read from the blob's properties first,
+                and the download stops there too, in case it grew meanwhile).
+
+        Raises:
+            BlobNotFound: no such container or blob. BlobTooLarge: over ``max_bytes``.
+            StorageUnavailable: storage unreachable after retries. StorageError: refused.
+        """
+        blob = self._container.get_blob_client(blob_name)
         try:
-            return self._container.download_blob(blob_name).readall()
+            if max_bytes is not None:
+                size = blob.get_blob_properties().size
+                if size > max_bytes:
+                    raise BlobTooLarge(f"blob {blob_name!r} is {size} bytes, more than {max_bytes}")
+                return blob.download_blob(offset=0, length=size).readall() if size else b""
+            return blob.download_blob().readall()
+        except ResourceNotFoundError as exc:
+            raise BlobNotFound(f"no blob {blob_name!r} in container {self.container!r}") from exc
         except AzureError as exc:
             raise _translate(exc) from exc
 
@@ -166,10 +193,12 @@ def _translate(exc: AzureError) -> StorageError:
     return StorageError(f"blob storage error: {exc.message}")
 
 
-def store_from_settings(settings, **overrides) -> BlobStore:
-    """Build the BlobStore described by a ``stemgen_settings.Settings``."""
+def store_from_settings(settings, *, container: str | None = None, **overrides) -> BlobStore:
+    """Build the BlobStore described by a ``stemgen_settings.Settings`` (for the stems container,
+    or ``container``, e.g. the source audio container)."""
     kwargs = dict(sas_ttl_seconds=settings.sas_ttl_seconds,
                   retry_total=settings.storage_retry_total,
                   timeout_seconds=settings.storage_timeout_seconds)
     kwargs.update(overrides)
-    return BlobStore(settings.azure_storage_connection_string, settings.azure_storage_container, **kwargs)
+    return BlobStore(settings.azure_storage_connection_string,
+                     container or settings.azure_storage_container, **kwargs)

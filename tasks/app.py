@@ -54,6 +54,7 @@ def celery_config(settings: Settings) -> dict:
         "task_queues": (Queue(settings.stems_queue), Queue(settings.callbacks_queue)),
         "task_routes": {
             "stemgen.generate_stem": {"queue": settings.stems_queue},
+            "stemgen.generate_ensemble": {"queue": settings.stems_queue},
             "stemgen.finalize_request": {"queue": settings.callbacks_queue},
             "stemgen.deliver_callback": {"queue": settings.callbacks_queue},
         },

@@ -195,8 +195,12 @@ class JobStore:
         return f"{_PREFIX}:delivery-lock:{job_id}"
 
     # --- writes -----------------------------------------------------------------------------------
-    def create(self, request: dict, stems: list[str], callback_url: str | None) -> Submission:
+    def create(self, request: dict, stems: list[str], callback_url: str | None,
+               plan: dict | None = None) -> Submission:
         """Record a new job, or return the existing one for the same generation_request_id.
+
+        ``plan`` is the job's musical plan (stems.plan.MusicalPlan.to_dict) when it is known at
+        submission; otherwise the first worker to make it records it (``claim_plan``).
 
         One Redis round trip. A created job is due in the outbox at once (see ``claim_due``).
         Only what differs per job is written; fields still at their initial value (a queued stem,
@@ -220,6 +224,8 @@ class JobStore:
             "callback_url": callback_url or "",
             "delivery_state": "pending" if callback_url else "none",
         }
+        if plan is not None:
+            fields["plan"] = json.dumps(plan, separators=(",", ":"))
         pairs = [str(item) for kv in fields.items() for item in kv]
         existing = self._create(keys=[request_key, self._job_key(job_id), self._OUTBOX],
                                 args=[claim, self.ttl, self._job_key(""), job_id, *pairs])
@@ -282,6 +288,17 @@ class JobStore:
             self._redis.eval(
                 "if redis.call('HGET', KEYS[1], 'state') == 'queued' then "
                 "redis.call('HSET', KEYS[1], 'state', 'running') end", 1, key)
+
+    def claim_plan(self, job_id: str, plan: dict) -> dict:
+        """Record the job's plan unless one is recorded already; return the recorded one.
+
+        Every stem task of a job that makes its plan on the worker (from the source audio) calls
+        this, so all of them follow the first plan made, even where two analyses could differ.
+        """
+        stored = self._redis.eval(
+            "redis.call('HSETNX', KEYS[1], 'plan', ARGV[1]) return redis.call('HGET', KEYS[1], 'plan')",
+            1, self._job_key(job_id), json.dumps(plan, separators=(",", ":")))
+        return json.loads(stored)
 
     def finish(self, job_id: str, state: str, callback_payload: dict) -> bool:
         """Record the job's final state and the callback body that reports it, once: returns
@@ -381,6 +398,7 @@ class JobStore:
         for field, name in (("delivery_next_at", "next_attempt_at"), ("delivered_at", "delivered_at")):
             if raw.get(field):
                 callback[name] = float(raw[field])
+        payload = json.loads(raw["callback_payload"]) if raw.get("callback_payload") else None
         return {
             "job_id": raw["job_id"],
             "generation_request_id": request["generation_request_id"],
@@ -395,7 +413,10 @@ class JobStore:
             "request": request,
             "dispatched": raw.get("dispatched") == "1",
             "delivery_enqueued": raw.get("delivery_enqueued") == "1",
-            "callback_payload": json.loads(raw["callback_payload"]) if raw.get("callback_payload") else None,
+            "callback_payload": payload,
+            "plan": json.loads(raw["plan"]) if raw.get("plan") else None,
+            "coherence": (payload or {}).get("coherence"),
+            "error": (payload or {}).get("error"),
         }
 
     def ping(self) -> None:

@@ -1,5 +1,5 @@
-"""The worker's model cache: one loaded StemEngine (and its StemBatcher) per worker process, the
-only global state.
+"""The worker's model cache: one loaded StemEngine (and its StemBatcher) per worker process, and
+the Demucs separator once an ensemble request needs it; the only global state.
 
 Loaded at process start (``worker_process_init``, see tasks.worker) and reused by every task, as
 cog's ``setup()``/``predict()`` split does; nothing reloads per task.
@@ -13,6 +13,7 @@ from stems.batching import StemBatcher
 from stems.engine import StemEngine
 
 _engines: dict[tuple[str, str], StemEngine] = {}
+_separators: dict[tuple[str, str], "Separator"] = {}
 _batchers: dict[tuple[str, str], StemBatcher] = {}
 _lock = threading.Lock()
 
@@ -59,3 +60,24 @@ def get_batcher(settings) -> StemBatcher:
                 window_seconds=settings.batch_window_seconds,
                 bucket_seconds=settings.batch_bucket_seconds)
         return batcher
+
+
+def get_separator(settings) -> "Separator":
+    """The process's Demucs separator (``SEPARATION_MODEL``, on the engine's device), loaded on
+    the first ensemble request: workers that never separate never pay for it.
+
+    Raises:
+        stems.separation.SeparationError: the model cannot be loaded.
+    """
+    from stems.separation import Separator
+
+    device = engine_for(settings).device
+    key = (settings.separation_model, device)
+    with _lock:
+        separator = _separators.get(key)
+        if separator is None:
+            separator = _separators[key] = Separator(
+                settings.separation_model, device, shifts=settings.separation_shifts,
+                overlap=settings.separation_overlap,
+                num_threads=settings.torch_num_threads or None)
+        return separator

@@ -11,6 +11,7 @@ from stemgen_settings import Settings
 from storage import StorageError, store_from_settings
 from tasks.app import app as celery_app
 from tasks.jobstore import JobStore, Submission
+from tasks.planning import make_job_plan, plan_known_at_submission
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,19 @@ class JobService:
 
         ``request`` is the validated request as plain JSON data. One job-store round trip for a new
         job (two for a repeated one, which also reads the job's state); the broker is not involved,
-        so a job is accepted while the broker is down and dispatched when it is back.
+        so a job is accepted while the broker is down and dispatched when it is back. The job's
+        musical plan is made here and stored with it, unless it waits for the source audio's
+        analysis (tasks.planning).
 
         Raises:
             tasks.jobstore.IdempotencyConflict: same generation_request_id, different body.
             ServiceUnavailable: the job store is unreachable (retry the same request).
         """
         stems = list(dict.fromkeys(request["target_stems"]))
+        plan = (make_job_plan(request, self.settings.beats_per_bar)
+                if plan_known_at_submission(request["parameters"]) else None)
         try:
-            submission = self.jobs.create(request, stems, callback_url)
+            submission = self.jobs.create(request, stems, callback_url, plan)
             if submission.created:
                 return submission
             return replace(submission, status=self.jobs.get(submission.job_id)["status"])

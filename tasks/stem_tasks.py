@@ -1,5 +1,6 @@
-"""Celery tasks: one ``generate_stem`` per stem in a chord (sent by the outbox dispatcher,
-``send_job_chord``) whose body is ``finalize_request``, which hands the callback to
+"""Celery tasks: one ``generate_stem`` per stem (or one ``generate_ensemble`` for all stems of an
+ensemble request) in a chord (sent by the outbox dispatcher, ``send_job_chord``) whose body is
+``finalize_request``, which hands the callback to
 ``deliver_callback`` (retried on its own, so a down backend never causes a stem to be generated
 again).
 
@@ -15,15 +16,20 @@ import redis
 from celery import chord
 from celery.utils.time import get_exponential_backoff_interval
 
+from stems.analysis import coherence, stem_analysis
 from stems.engine import SamplingParams
-from stems.prompts import build_stem_prompt
-from stems.render import render_stem
+from stems.plan import MusicalPlan, parse_key
+from stems.prompts import HARMONIC_STEMS, build_ensemble_prompt, build_stem_prompt
+from stems.render import conform_clip, finish_stem, render_stem
+from stems.separation import stem_energy_db
 from storage import StorageUnavailable, blob_name_for, store_from_settings
 from tasks.app import app
 from tasks.callback_target import CallbackPolicy
 from tasks.callbacks import CallbackRetryableError, CallbackError, post_callback
 from tasks.jobstore import JobNotFound, JobStore
-from tasks.model_cache import get_batcher
+from tasks.model_cache import get_batcher, get_separator
+from tasks.planning import conditioning_for, make_job_plan, plan_from_record
+from tasks.source_audio import load_source
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +86,76 @@ def _failed(jobs: JobStore, job_id: str, stem: str, error: str) -> dict:
 
 
 def send_job_chord(job: dict) -> None:
-    """Send a recorded job's chord: ``generate_stem`` for each stem (routed to the stems queue),
-    whose results go to ``finalize_request``. ``job`` is its record (JobStore.get). Called by the
+    """Send a recorded job's chord, whose results go to ``finalize_request``: ``generate_stem`` for
+    each stem (routed to the stems queue), or, for ``arrangement: "ensemble"``, one
+    ``generate_ensemble`` for all of them. ``job`` is its record (JobStore.get). Called by the
     outbox dispatcher (tasks.dispatcher), not on the gateway's request path.
 
     Raises:
         kombu.exceptions.OperationalError (and the transport's errors): the broker is unreachable.
     """
-    job_id = job["job_id"]
-    header = [generate_stem.s(job_id, state["stem"], job["request"]) for state in job["stems"]]
+    job_id, request = job["job_id"], job["request"]
+    stems = [state["stem"] for state in job["stems"]]
+    if request["parameters"].get("arrangement") == "ensemble":
+        header = [generate_ensemble.s(job_id, stems, request)]
+    else:
+        header = [generate_stem.s(job_id, stem, request) for stem in stems]
     chord(header)(finalize_request.s(job_id))
+
+
+def _job_plan(jobs: JobStore, job_id: str, request: dict, settings, source) -> MusicalPlan:
+    """The job's plan: as recorded at submission, else made here from the source and recorded
+    (the first one recorded wins, see JobStore.claim_plan)."""
+    record = jobs.get(job_id).get("plan")
+    if record is None:
+        record = jobs.claim_plan(job_id, make_job_plan(request, settings.beats_per_bar, source))
+    return plan_from_record(record)
+
+
+def _source(request: dict, settings):
+    """The request's analysed source audio, or None (tasks.source_audio)."""
+    if not request["parameters"].get("condition_on_audio"):
+        return None
+    return load_source(request, settings)
+
+
+def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str, rendered,
+                plan: MusicalPlan, **extra) -> dict:
+    """Upload a rendered stem, analyse it against the plan, record it completed; its result."""
+    blob_name = blob_name_for(request["generation_request_id"], stem)
+    stored = store_from_settings(settings).upload(
+        blob_name, rendered.data, content_type=rendered.content_type,
+        metadata={"stem": stem, "bpm": f"{plan.bpm:g}",
+                  "duration_seconds": f"{rendered.duration_seconds:.6f}",
+                  "key": plan.key.name, "model": settings.musicgen_model,
+                  "generation_request_id": request["generation_request_id"]})
+    analysis = stem_analysis(rendered.audio, rendered.sample_rate, plan,
+                             harmonic=stem in HARMONIC_STEMS)
+    result = {"stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
+              "bpm": plan.bpm, "model": settings.musicgen_model, **extra,
+              **rendered.metadata(), "analysis": analysis}
+    details = {k: v for k, v in result.items() if k not in ("stem", "status")}
+    jobs.update_stem(job_id, stem, "completed", 1.0, **details)
+    return result
+
+
+def _retry_later(task, settings, exc: Exception, what: str):
+    """The declared retry of a stem task: storage unreachable (exponential backoff, at most
+    STORAGE_MAX_RETRIES) or the job store unreachable. Returns None when the storage retries are
+    used up (the caller then fails the stem)."""
+    if isinstance(exc, StorageUnavailable):
+        if task.request.retries >= task.max_retries:
+            return None
+        # A retry waiting for its countdown is an unacknowledged message: keep it well inside
+        # the Redis visibility timeout, or a second worker would get it too.
+        countdown = get_exponential_backoff_interval(
+            factor=5, retries=task.request.retries, full_jitter=True,
+            maximum=min(120, settings.visibility_timeout_seconds // 2))
+        log.warning("storage unavailable for %s, retry in %ss: %s", what, countdown, exc)
+        return task.retry(exc=exc, countdown=countdown)
+    log.warning("job store unreachable for %s, retry in 20s: %s", what, exc)
+    return task.retry(exc=exc, countdown=min(20, settings.visibility_timeout_seconds // 2),
+                      max_retries=90)
 
 
 @app.task(bind=True, name="stemgen.generate_stem", max_retries=STORAGE_MAX_RETRIES)
@@ -97,64 +163,135 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     """Generate, conform, encode and upload one stem; return its result dict (never raises for a
     failed generation: the failure is the result, so the chord's finalize always runs).
 
+    The prompt carries the plan's key and chords; a melody model is conditioned on the plan's
+    chords or the source audio, a text model continues the source (tasks.planning).
     Retried (Celery ``self.retry``, exponential backoff) only when storage is unreachable.
     """
     settings = self.app.stemgen_settings
     jobs = job_store(self.app)
     parameters = request["parameters"]
-    bpm = float(parameters["target_bpm"])
     duration = float(parameters["duration_seconds"])
     try:
         jobs.count_run(job_id, stem)
         jobs.update_stem(job_id, stem, "running", 0.0)
         batcher = get_batcher(settings)
         engine = batcher.engine
-        prompt = build_stem_prompt(stem, bpm, style=parameters.get("style"),
-                                   prompt=parameters.get("prompt"))
+        source = _source(request, settings)
+        plan = _job_plan(jobs, job_id, request, settings, source)
+        prompt = build_stem_prompt(stem, plan.bpm, style=parameters.get("style"),
+                                   prompt=parameters.get("prompt"), harmony=plan.prompt_text())
+        conditioning = conditioning_for(stem, plan, melody_model=engine.supports_melody,
+                                        source=source, settings=settings)
         started = time.perf_counter()
         # Stems of one request (and compatible concurrent requests) share one MusicGen call.
         audio = batcher.generate(
             prompt, duration + settings.generation_margin_seconds,
             sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
-            progress=_ProgressReporter(jobs, job_id, stem, span=0.9))
+            progress=_ProgressReporter(jobs, job_id, stem, span=0.9), conditioning=conditioning)
         generation_seconds = time.perf_counter() - started
-        rendered = render_stem(audio, engine.sample_rate, bpm=bpm, duration_seconds=duration,
+        rendered = render_stem(audio, engine.sample_rate, bpm=plan.bpm, duration_seconds=duration,
                                beats_per_bar=settings.beats_per_bar,
                                loop=bool(parameters.get("loop", False)),
                                target_lufs=settings.target_lufs,
                                max_true_peak_dbtp=settings.max_true_peak_dbtp)
         jobs.update_stem(job_id, stem, "running", 0.95)
-        blob_name = blob_name_for(request["generation_request_id"], stem)
-        stored = store_from_settings(settings).upload(
-            blob_name, rendered.data, content_type=rendered.content_type,
-            metadata={"stem": stem, "bpm": f"{bpm:g}", "duration_seconds": f"{rendered.duration_seconds:.6f}",
-                      "model": settings.musicgen_model,
-                      "generation_request_id": request["generation_request_id"]})
-        result = {
-            "stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
-            "bpm": bpm, "model": settings.musicgen_model, "device": engine.device, "prompt": prompt,
-            "generation_seconds": round(generation_seconds, 3), **rendered.metadata(),
-        }
-        details = {k: v for k, v in result.items() if k not in ("stem", "status")}
-        jobs.update_stem(job_id, stem, "completed", 1.0, **details)
-        return result
-    except StorageUnavailable as exc:
-        if self.request.retries < self.max_retries:
-            # A retry waiting for its countdown is an unacknowledged message: keep it well inside
-            # the Redis visibility timeout, or a second worker would get it too.
-            countdown = get_exponential_backoff_interval(
-                factor=5, retries=self.request.retries, full_jitter=True,
-                maximum=min(120, settings.visibility_timeout_seconds // 2))
-            log.warning("storage unavailable for %s/%s, retry in %ss: %s", job_id, stem, countdown, exc)
-            raise self.retry(exc=exc, countdown=countdown)
-        return _failed(jobs, job_id, stem, str(exc))
-    except JOBSTORE_UNREACHABLE as exc:
-        log.warning("job store unreachable for %s/%s, retry in 20s: %s", job_id, stem, exc)
-        raise self.retry(exc=exc, countdown=min(20, settings.visibility_timeout_seconds // 2),
-                         max_retries=90)
+        return _store_stem(settings, jobs, job_id, request, stem, rendered, plan,
+                           device=engine.device, prompt=prompt,
+                           conditioning=conditioning.kind if conditioning else None,
+                           generation_seconds=round(generation_seconds, 3))
+    except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
+        retry = _retry_later(self, settings, exc, f"{job_id}/{stem}")
+        if retry is None:
+            return _failed(jobs, job_id, stem, str(exc))
+        raise retry
     except Exception as exc:  # the failure becomes the stem's result; see docstring
         log.exception("stem %s of job %s failed", stem, job_id)
         return _failed(jobs, job_id, stem, f"{exc.__class__.__name__}: {exc}")
+
+
+class _EnsembleProgress:
+    """One generation's progress, reported for every stem it will be separated into."""
+
+    def __init__(self, reporters: list[_ProgressReporter]):
+        self._reporters = reporters
+
+    def __call__(self, fraction: float) -> None:
+        for reporter in self._reporters:
+            reporter(fraction)
+
+
+@app.task(bind=True, name="stemgen.generate_ensemble", max_retries=STORAGE_MAX_RETRIES)
+def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> list[dict]:
+    """Generate the whole arrangement in one MusicGen call, conform the mix to the grid, separate
+    it into ``stems`` with Demucs, then render and upload each stem; return the stems' results.
+
+    The stems are parts of one performance by construction: they share the generation's tempo,
+    harmony and phrasing, and one conform (the same warp), so they stay in sync sample for
+    sample. A separated stem whose level is below ``SEPARATION_SILENT_STEM_DB`` relative to the
+    mix is kept at its level and reported (``silent: true`` and a warning). Per-stem state and
+    progress are kept as for ``generate_stem``; failures become the stems' results. Retried
+    only when storage is unreachable.
+    """
+    settings = self.app.stemgen_settings
+    jobs = job_store(self.app)
+    parameters = request["parameters"]
+    duration = float(parameters["duration_seconds"])
+    results: dict[str, dict] = {}
+    try:
+        for stem in stems:
+            jobs.count_run(job_id, stem)
+            jobs.update_stem(job_id, stem, "running", 0.0)
+        batcher = get_batcher(settings)
+        engine = batcher.engine
+        source = _source(request, settings)
+        plan = _job_plan(jobs, job_id, request, settings, source)
+        prompt = build_ensemble_prompt(stems, plan.bpm, style=parameters.get("style"),
+                                       prompt=parameters.get("prompt"), harmony=plan.prompt_text())
+        conditioning = conditioning_for(None, plan, melody_model=engine.supports_melody,
+                                        source=source, settings=settings)
+        started = time.perf_counter()
+        mix = batcher.generate(
+            prompt, duration + settings.generation_margin_seconds,
+            sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
+            progress=_EnsembleProgress([_ProgressReporter(jobs, job_id, s, span=0.7) for s in stems]),
+            conditioning=conditioning)
+        generation_seconds = time.perf_counter() - started
+        rate = engine.sample_rate
+        conformed = conform_clip(mix, rate, bpm=plan.bpm, duration_seconds=duration,
+                                 beats_per_bar=settings.beats_per_bar,
+                                 loop=bool(parameters.get("loop", False)))
+        started = time.perf_counter()
+        separator = get_separator(settings)
+        parts = separator.separate(conformed.audio, rate, stems)
+        separation_seconds = time.perf_counter() - started
+        for stem in stems:
+            jobs.update_stem(job_id, stem, "running", 0.9)
+            level_db = stem_energy_db(parts[stem], conformed.audio)
+            silent = bool(level_db < settings.separation_silent_stem_db)
+            rendered = finish_stem(parts[stem], rate, conformed.analysis,
+                                   target_lufs=settings.target_lufs,
+                                   max_true_peak_dbtp=settings.max_true_peak_dbtp,
+                                   normalise=not silent)
+            warnings = ([f"nearly silent after separation: {level_db:.1f} dB relative to the mix "
+                         f"(threshold {settings.separation_silent_stem_db:g} dB)"] if silent else [])
+            results[stem] = _store_stem(
+                settings, jobs, job_id, request, stem, rendered, plan, device=engine.device,
+                prompt=prompt, arrangement="ensemble",
+                conditioning=conditioning.kind if conditioning else None,
+                generation_seconds=round(generation_seconds, 3),
+                separation={"model": settings.separation_model, "level_db": round(level_db, 2),
+                            "seconds": round(separation_seconds, 3)},
+                silent=silent, warnings=warnings)
+        return [results[stem] for stem in stems]
+    except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
+        retry = _retry_later(self, settings, exc, f"{job_id} (ensemble)")
+        if retry is None:
+            return [results.get(stem) or _failed(jobs, job_id, stem, str(exc)) for stem in stems]
+        raise retry
+    except Exception as exc:  # the failure becomes the stems' results; see docstring
+        log.exception("ensemble of job %s failed", job_id)
+        error = f"{exc.__class__.__name__}: {exc}"
+        return [results.get(stem) or _failed(jobs, job_id, stem, error) for stem in stems]
 
 
 def job_state(results: list[dict]) -> str:
@@ -165,7 +302,26 @@ def job_state(results: list[dict]) -> str:
     return "failed" if done == 0 else "partial"
 
 
-def callback_payload(job: dict, results: list[dict], state: str) -> dict:
+def flat_results(results: list) -> list[dict]:
+    """The chord's results as one list of stem results (an ensemble task returns a list)."""
+    return [r for item in results for r in (item if isinstance(item, list) else [item])]
+
+
+def job_coherence(job: dict, results: list[dict]) -> dict | None:
+    """The job's coherence block (stems.analysis.coherence) over its completed stems; None when
+    the job has no plan or no analysed stem."""
+    record = job.get("plan")
+    analyses = {r["stem"]: r["analysis"] for r in results
+                if r.get("status") == "completed" and r.get("analysis")}
+    if not record or not analyses:
+        return None
+    source_key = None
+    if record.get("source_audio"):
+        source_key = parse_key(record["source_audio"]["key"]["key"])
+    return coherence(analyses, plan_from_record(record), source_key=source_key)
+
+
+def callback_payload(job: dict, results: list[dict], state: str, coherence_report: dict | None = None) -> dict:
     """The body POSTed to the backend (documented in the README and the OpenAPI document)."""
     errors = [f"{r['stem']}: {r['error']}" for r in results if r.get("status") != "completed"]
     return {
@@ -176,6 +332,8 @@ def callback_payload(job: dict, results: list[dict], state: str) -> dict:
         "status": state,
         "stems": results,
         "error": "; ".join(errors) or None,
+        "plan": job.get("plan"),
+        "coherence": coherence_report,
     }
 
 
@@ -190,8 +348,9 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
     """
     jobs = job_store(self.app)
     job = jobs.get(job_id)
+    results = flat_results(results)
     state = job_state(results)
-    if not jobs.finish(job_id, state, callback_payload(job, results, state)):
+    if not jobs.finish(job_id, state, callback_payload(job, results, state, job_coherence(job, results))):
         log.info("job %s was already finished; keeping its first result", job_id)
     job = jobs.get(job_id)
     if job["callback"]["url"] and not job["delivery_enqueued"]:

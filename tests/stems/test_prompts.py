@@ -30,3 +30,25 @@ def test_user_text_is_cleaned_and_bounded():
 def test_unknown_stem():
     with pytest.raises(UnknownStemError):
         build_stem_prompt("piano", 120)
+
+
+def test_harmony_goes_to_harmonic_stems_only():
+    harmony = "in A minor, chord progression Am F C G"
+    assert harmony in build_stem_prompt("bass", 120, harmony=harmony)
+    assert harmony in build_stem_prompt("guitar", 120, harmony=harmony)
+    assert "minor" not in build_stem_prompt("drums", 120, harmony=harmony)
+    assert build_stem_prompt("bass", 120, harmony=harmony).endswith(", 120 bpm")
+
+
+def test_ensemble_prompt_names_every_requested_instrument_and_excludes_the_rest():
+    from stems.prompts import build_ensemble_prompt
+
+    p = build_ensemble_prompt(["guitar", "drums"], 100, style="rock", harmony="in E minor")
+    assert "electric guitar" in p and "drum kit" in p and "no bass" in p
+    assert "in E minor" in p and p.endswith("100 bpm") and p.startswith("rock, ")
+    everything = build_ensemble_prompt(["guitar", "bass", "drums"], 90)
+    assert "no bass" not in everything and "bass guitar" in everything
+    with pytest.raises(UnknownStemError):
+        build_ensemble_prompt(["piano"], 90)
+    with pytest.raises(UnknownStemError):
+        build_ensemble_prompt([], 90)

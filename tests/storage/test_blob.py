@@ -54,3 +54,14 @@ def test_connection_failures_get_the_whole_retry_budget():
     policy = store._service._pipeline._impl_policies  # noqa: SLF001 (inspecting the SDK pipeline)
     retry = next(p for p in policy if p.__class__.__name__ == "ExponentialRetry")
     assert retry.total_retries == 7 and retry.connect_retries == 7 and retry.read_retries == 7
+
+
+def test_download_with_a_size_limit(store):
+    store.upload("song.wav", b"x" * 100, content_type="audio/wav")
+    assert store.download("song.wav", max_bytes=100) == b"x" * 100
+    from storage import BlobNotFound, BlobTooLarge
+
+    with pytest.raises(BlobTooLarge):
+        store.download("song.wav", max_bytes=99)
+    with pytest.raises(BlobNotFound):
+        store.download("missing.wav", max_bytes=100)

@@ -65,3 +65,23 @@ def test_missing_job(store):
 def test_rejects_non_redis_backend():
     with pytest.raises(ValueError):
         JobStore("rpc://")
+
+
+def test_plan_recorded_at_creation_or_claimed_once(store):
+    plan = {"key": "A minor", "bpm": 120.0, "chords": ["Am", "F"]}
+    with_plan = store.create(req(), ["bass"], None, plan).job_id
+    assert store.get(with_plan)["plan"] == plan
+    assert store.claim_plan(with_plan, {"key": "C major"}) == plan  # the recorded one wins
+    later = store.create(req("gen-later"), ["bass"], None).job_id
+    assert store.get(later)["plan"] is None
+    first = {"key": "D minor", "bpm": 97.0}
+    assert store.claim_plan(later, first) == first
+    assert store.claim_plan(later, {"key": "E major", "bpm": 97.0}) == first
+    assert store.get(later)["plan"] == first
+
+
+def test_finished_job_exposes_error_and_coherence(store):
+    job_id = store.create(req(), ["bass"], None).job_id
+    assert store.get(job_id)["error"] is None and store.get(job_id)["coherence"] is None
+    store.finish(job_id, "failed", {"error": "bass: no source audio", "coherence": None})
+    assert store.get(job_id)["error"] == "bass: no source audio"

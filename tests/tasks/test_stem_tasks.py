@@ -1,7 +1,7 @@
 """Pure parts of the task layer: final state, callback body, sampling overrides."""
 
 from stemgen_settings import load_settings
-from tasks.stem_tasks import callback_payload, job_state, sampling_params
+from tasks.stem_tasks import callback_payload, flat_results, job_coherence, job_state, sampling_params
 
 
 def test_job_state():
@@ -18,7 +18,7 @@ def test_callback_payload_summarises_errors():
     body = callback_payload(job, results, "partial")
     assert body == {"event": "generation.finished", "job_id": "j", "generation_request_id": "g",
                     "audio_file_id": "a", "status": "partial", "stems": results,
-                    "error": "drums: boom"}
+                    "error": "drums: boom", "plan": None, "coherence": None}
     assert callback_payload(job, results[:1], "completed")["error"] is None
 
 
@@ -26,3 +26,34 @@ def test_sampling_overrides_fall_back_to_settings():
     settings = load_settings(default_top_k=250, default_cfg_coef=3.0)
     params = sampling_params({"temperature": 0.7, "top_k": None}, settings)
     assert params.temperature == 0.7 and params.top_k == 250 and params.cfg_coef == 3.0
+
+
+def test_ensemble_results_are_flattened_in_stem_order():
+    a, b, c = ({"stem": s, "status": "completed"} for s in ("guitar", "bass", "drums"))
+    assert flat_results([[a, b, c]]) == [a, b, c]
+    assert flat_results([a, b]) == [a, b]
+
+
+def test_coherence_of_a_finished_job():
+    from stems.analysis import stem_analysis
+    from stems.plan import render_chords
+    from tasks.planning import make_job_plan, plan_from_record
+
+    request = {"generation_request_id": "g", "parameters": {
+        "target_bpm": 120, "duration_seconds": 8, "key": "G major", "chords": ["G", "C", "D", "G"]}}
+    record = make_job_plan(request, 4)
+    plan = plan_from_record(record)
+    audio = render_chords(plan, 32000)
+    results = [{"stem": "guitar", "status": "completed",
+                "analysis": stem_analysis(audio, 32000, plan, harmonic=True)},
+               {"stem": "drums", "status": "completed",
+                "analysis": stem_analysis(audio, 32000, plan, harmonic=False)},
+               {"stem": "bass", "status": "failed", "error": "boom"}]
+    report = job_coherence({"plan": record}, results)
+    assert report["plan_key"] == "G major"
+    assert report["stems"]["guitar"]["agreement"] == "same"
+    assert "bass" not in report["stems"]
+    assert job_coherence({"plan": None}, results) is None
+    body = callback_payload({"job_id": "j", "generation_request_id": "g", "audio_file_id": "a",
+                             "plan": record}, results, "partial", report)
+    assert body["plan"] == record and body["coherence"] == report

@@ -1,0 +1,127 @@
+"""The user's song for condition_on_audio: from real Azurite and a real loopback HTTP server."""
+
+import http.server
+import io
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from stemgen_settings import load_settings
+from storage import store_from_settings
+from tasks.source_audio import SourceAudioError, load_source
+
+RATE = 22050
+
+
+def song(bpm=100.0, seconds=12.0, tonic_hz=220.0) -> bytes:
+    """A clicky A-minor-ish groove: kick-like clicks on each beat over an A minor triad."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    pad = sum(np.sin(2 * np.pi * tonic_hz * r * t) for r in (1.0, 1.189, 1.498)) * 0.15
+    clicks = np.zeros_like(t)
+    for beat in np.arange(0, seconds, 60.0 / bpm):
+        i = int(beat * RATE)
+        n = min(800, len(t) - i)
+        clicks[i:i + n] += 0.8 * np.exp(-np.arange(n) / 120.0) * np.sin(2 * np.pi * 80 * np.arange(n) / RATE)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([pad + clicks, pad + clicks], axis=1), RATE, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def settings():
+    return load_settings(source_audio_container=f"src-{uuid.uuid4().hex[:10]}",
+                         callback_allow_loopback=True, storage_retry_total=1)
+
+
+def upload(settings, name, data):
+    store_from_settings(settings, container=settings.source_audio_container).upload(
+        name, data, content_type="audio/wav")
+
+
+def request(audio_file_id="song-1", **parameters):
+    return {"generation_request_id": "gen-1", "audio_file_id": audio_file_id,
+            "parameters": {"duration_seconds": 8, "condition_on_audio": True, **parameters}}
+
+
+def test_source_from_blob_is_analysed(settings):
+    upload(settings, "song-1", song(bpm=100.0))
+    source = load_source(request(), settings)
+    assert source.sample_rate == RATE and source.audio.shape[0] == 2
+    assert source.bpm == pytest.approx(100.0, rel=0.03)
+    assert source.key.key.name in ("A minor", "C major")  # the triad A-C-E, relative keys
+    assert source.origin == f"blob:{settings.source_audio_container}/song-1"
+    assert len(source.fingerprint) == 64
+    report = source.report()
+    assert report["bpm"] == pytest.approx(100.0, rel=0.03) and "key" in report
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"this is not audio at all", "not a readable audio file"),
+    (b"", "not a readable audio file"),
+])
+def test_undecodable_source_is_a_clear_error(settings, data, words):
+    upload(settings, "bad", data)
+    with pytest.raises(SourceAudioError, match=words):
+        load_source(request("bad"), settings)
+
+
+def test_missing_too_large_too_long_and_silent_sources(settings):
+    upload(settings, "song-1", song(seconds=3.0))
+    with pytest.raises(SourceAudioError, match="no source audio 'absent'"):
+        load_source(request("absent"), settings)
+    small = settings.model_copy(update={"source_audio_max_bytes": 1000})
+    with pytest.raises(SourceAudioError, match="too large"):
+        load_source(request(), small)
+    short = settings.model_copy(update={"source_audio_max_seconds": 2.0})
+    with pytest.raises(SourceAudioError, match="longer than 2 s"):
+        load_source(request(), short)
+    silence = io.BytesIO()
+    sf.write(silence, np.zeros(RATE * 3), RATE, format="WAV")
+    upload(settings, "silence", silence.getvalue())
+    with pytest.raises(SourceAudioError, match="silent"):
+        load_source(request("silence"), settings)
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    files: dict = {}
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        data = self.files.get(self.path.split("?")[0])
+        if data is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def file_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Files.files
+    server.shutdown()
+
+
+def test_source_from_url(settings, file_server):
+    base, files = file_server
+    files["/song.wav"] = song(bpm=120.0)
+    source = load_source(request(source_audio_url=f"{base}/song.wav?sig=secret"), settings)
+    assert source.bpm == pytest.approx(120.0, rel=0.03)
+    assert source.origin == f"{base}/song.wav"  # no SAS in reports
+    with pytest.raises(SourceAudioError, match="HTTP 404"):
+        load_source(request(source_audio_url=f"{base}/missing.wav"), settings)
+    small = settings.model_copy(update={"source_audio_max_bytes": 1000})
+    with pytest.raises(SourceAudioError, match="larger than 1000 bytes"):
+        load_source(request(source_audio_url=f"{base}/song.wav"), small)
+    guarded = settings.model_copy(update={"callback_allow_loopback": False})
+    with pytest.raises(SourceAudioError, match="refused"):
+        load_source(request(source_audio_url=f"{base}/song.wav"), guarded)
