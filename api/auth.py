@@ -8,7 +8,7 @@ in the timing). Without configured keys the API is open and a warning is logged 
 
 Open without a key: ``/health/live`` and ``/health/ready`` (orchestrator probes carry no secrets;
 ``/health/ready`` then answers only ok/unavailable, without error details) and ``/openapi.json``
-(the contract is public, as in the README). Everything else, unknown paths included, needs a key.
+(the contract is public, as in docs/api.md). Everything else, unknown paths included, needs a key.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The gateway validates a request, writes one Redis script and answers (tasks.service), so it is
 I/O-bound and short: one gevent worker per core serves many keep-alive connections. Measured with
-``make bench-gateway`` on the 2-core box (README, "Gateway throughput"): gevent 2 workers
+``make bench-gateway`` on the 2-core box (docs/benchmarks.md, "Gateway"): gevent 2 workers
 1160-1240 accepted req/s against gthread 2 x 4 threads 710-840 (and a p99 above a second in some
 gthread runs). The
 values come from the environment so a deployment can size them; ``GUNICORN_WORKER_CLASS=gthread``
@@ -27,15 +27,15 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", 30))
 graceful_timeout = 20
 keepalive = 5
 # Off by default: at a thousand requests a second the ingress (load balancer, reverse proxy) is
-# the place for request logs; it cost the gateway ~10 % of its throughput (README, "Gateway
-# throughput").
+# the place for request logs; it cost the gateway ~10 % of its throughput (docs/benchmarks.md,
+# "Gateway").
 # "-": stdout; a path: that file.
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "") or None
 errorlog = "-"
 # After a worker has loaded the app, gc.freeze() moves what it holds (~92 000 objects: Flask,
 # pydantic, Celery, kombu, redis) to the permanent generation, so a full collection scans only what
 # requests created since. Without it each worker paused 60-94 ms per full collection, 7-8 times in
-# 20 s of load, and those pauses set the p99 (README, "Gateway throughput"). See the gc module's
+# 20 s of load, and those pauses set the p99 (docs/benchmarks.md, "Gateway"). See the gc module's
 # documentation of gc.freeze.
 gc_freeze = os.environ.get("GUNICORN_GC_FREEZE", "true").lower() in ("1", "true", "yes")
 # Bound what one request can hold the server with.

@@ -250,7 +250,8 @@ def demucs_checkpoint_path(torch_home: str | os.PathLike, name: str = "htdemucs_
 
 
 def write_tiny_demucs(torch_home: str | os.PathLike, name: str = "htdemucs_6s", *,
-                      seed: int = 0, segment_seconds: float = 1.0) -> Path:
+                      seed: int = 0, segment_seconds: float = 1.0,
+                      released_size: bool = False) -> Path:
     """Write a random-weight, tiny HTDemucs where ``demucs.pretrained.get_model(name)`` finds it.
 
     With ``TORCH_HOME=torch_home`` (and no ``torch.hub.set_dir`` in force), ``get_model(name)``
@@ -264,6 +265,9 @@ def write_tiny_demucs(torch_home: str | os.PathLike, name: str = "htdemucs_6s", 
         name: "htdemucs" (drums, bass, other, vocals; what audiocraft's melody conditioner loads)
             or "htdemucs_6s" (those and guitar, piano).
         seed: torch RNG seed for the weights (the global RNG is left as it was).
+        released_size: the released models' size instead (HTDemucs's default constructor: 48
+            channels, 5 transformer layers, about 27 M parameters), for benchmarks: the cost of
+            separation with random weights is that of the real model.
         segment_seconds: the model's training segment. HTDemucs pads every chunk it is given to
             this length and the cost is about proportional to the audio run, so 1 s (rather than
             the released models' 7.8 s, ``RELEASED_HTDEMUCS_SEGMENT``) keeps the short clips of
@@ -284,7 +288,8 @@ def write_tiny_demucs(torch_home: str | os.PathLike, name: str = "htdemucs_6s", 
     target.parent.mkdir(parents=True, exist_ok=True)
     if segment_seconds <= 0:
         raise ValueError("segment_seconds must be > 0")
-    kwargs = dict(_TINY_HTDEMUCS, segment=Fraction(segment_seconds).limit_denominator(1000))
+    size = {"audio_channels": 2, "samplerate": 44100} if released_size else _TINY_HTDEMUCS
+    kwargs = dict(size, segment=Fraction(segment_seconds).limit_denominator(1000))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HTDemucs(sources=list(DEMUCS_SOURCES[name]), **kwargs)

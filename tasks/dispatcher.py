@@ -23,8 +23,7 @@ worker stopping with SIGTERM never arrived). A copy of a delivery that was not l
 deliveries run one at a time under a lock and check the delivered state (tasks.stem_tasks).
 
 Building and publishing a chord costs milliseconds of CPU (canvas, one message per stem carrying the
-request, result subscriptions); measured in the gateway it was most of a request's CPU (README,
-"Gateway throughput").
+request, result subscriptions); measured in the gateway it was most of a request's CPU.
 """
 
 from __future__ import annotations

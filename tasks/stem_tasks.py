@@ -322,7 +322,7 @@ def job_coherence(job: dict, results: list[dict]) -> dict | None:
 
 
 def callback_payload(job: dict, results: list[dict], state: str, coherence_report: dict | None = None) -> dict:
-    """The body POSTed to the backend (documented in the README and the OpenAPI document)."""
+    """The body POSTed to the backend (documented in docs/api.md and the OpenAPI document)."""
     errors = [f"{r['stem']}: {r['error']}" for r in results if r.get("status") != "completed"]
     return {
         "event": "generation.finished",

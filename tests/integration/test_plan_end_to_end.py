@@ -16,7 +16,7 @@ import soundfile as sf
 from stems.checkpoint import write_tiny_demucs
 from storage import store_from_settings
 from stemgen_settings import load_settings
-from tests.harness import CallbackReceiver, service_env, start_gateway, start_worker
+from tests.harness import REDIS, CallbackReceiver, service_env, start_gateway, start_worker
 
 SAMPLE_RATE = 32000
 
@@ -181,7 +181,10 @@ def test_missing_source_fails_the_job_clearly(stack, receiver):
 
 
 def test_melody_worker_follows_the_plans_chords(tmp_path, receiver):
-    s = stack_for(tmp_path, receiver, "melody", MUSICGEN_MODEL="tiny-melody")
+    # Own Redis DBs: the outbox lives in the job store's DB, and the dispatcher of the module's
+    # text-model worker would otherwise send this stack's jobs to its own queue.
+    s = stack_for(tmp_path, receiver, "melody", MUSICGEN_MODEL="tiny-melody",
+                  BROKER_URL=f"{REDIS}/8", RESULT_BACKEND=f"{REDIS}/9")
     try:
         body, accepted, payload = submit(s, receiver, ["guitar", "bass", "drums"], target_bpm=120,
                                          chords=["C", "Am", "F", "G"])

@@ -77,3 +77,31 @@ def test_make_tiny_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ck" / "state_dict.bin").is_file()
     assert (tmp_path / "ck" / "compression_state_dict.bin").is_file()
+
+
+def test_generate_follows_a_plan_with_the_tiny_melody_model(tmp_path):
+    result = run("generate", "--stems", "bass,drums", "--bpm", "100", "--duration", "4.8",
+                 "--chords", "Dm,Bb,F,C", "--model", "tiny-melody", "--device", "cpu", "--seed", "2",
+                 "--out", str(tmp_path / "out"),
+                 env={**__import__("os").environ, "STEMGEN_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["plan"]["key"] == "D minor" and report["plan"]["chords"] == ["Dm", "A#"]  # sharps
+    stems = {s["stem"]: s for s in report["stems"]}
+    assert "chord progression Dm A# F C" in stems["bass"]["prompt"]
+    assert stems["bass"]["analysis"]["harmonic"] and not stems["drums"]["analysis"]["harmonic"]
+    bad = run("generate", "--bpm", "100", "--key", "H minor", "--model", "tiny", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "H minor" in bad.stderr
+
+
+def test_key_of_a_file(tmp_path):
+    rate = 22050
+    t = np.arange(rate * 4) / rate
+    # E major triad then B major: E major
+    triad = lambda *hz: sum(np.sin(2 * np.pi * f * t[: rate * 2]) for f in hz)  # noqa: E731
+    audio = np.concatenate([triad(164.8, 207.7, 246.9), triad(123.5, 155.6, 185.0)]) * 0.2
+    sf.write(tmp_path / "e.wav", audio.astype(np.float32), rate)
+    result = run("key", str(tmp_path / "e.wav"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["key"] == "E major"
+    assert run("key", str(tmp_path / "missing.wav")).returncode == 2
