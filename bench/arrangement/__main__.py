@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from stems.plan import make_plan
     from stems.prompts import HARMONIC_STEMS, build_ensemble_prompt, build_stem_prompt
     from stems.render import bars_for, conform_clip, finish_stem, render_stem
+    from stems.render import warm_up as render_warm_up
     from stems.separation import Separator
 
     torch.set_num_threads(args.threads)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = StemEngine(str(write_checkpoint(work / "musicgen", args.scale)), "cpu",
                         num_threads=args.threads)
     engine.warm_up()
+    render_warm_up(engine.sample_rate)  # librosa's lazy imports and numba, as a worker does at start
     write_tiny_demucs(work / "torch", "htdemucs_6s", released_size=not args.tiny_demucs,
                       segment_seconds=7.8)
     with torch_home_environment(work / "torch"):
