@@ -28,6 +28,7 @@ Dependencies: numpy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -390,24 +391,36 @@ _NUMERAL_SUFFIX = {"": None, "7": "7", "maj7": "maj7", "°": "dim", "dim": "dim"
                    "aug": "aug", "sus2": "sus2", "sus4": "sus4", "5": "5"}
 
 
+def _style_pattern() -> tuple[re.Pattern, dict[str, str]]:
+    words = {word: family for family, family_words in STYLE_KEYWORDS.items() for word in family_words}
+    # A lookahead matches at every position (overlapping), and the alternation tries longer words
+    # first, so each start yields its longest keyword.
+    alternation = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(r"(?<![a-z0-9])(?=(" + alternation + "))"), words
+
+
+_STYLE_PATTERN, _STYLE_FAMILY = _style_pattern()
+
+
+@functools.lru_cache(maxsize=1024)
 def match_style(style: str | None) -> str:
     """The STYLE_PROGRESSIONS table for a free-text style ("hard rock, gritty" -> "rock").
 
     The first comma/semicolon-separated phrase that names a genre decides; within it the last
     genre word wins, because the head of an English genre phrase comes last ("blues rock" is rock,
     "jazz funk" is funk); of keywords starting at the same place the longest wins ("dubstep" is
-    electronic, not "dub"). No match: "default".
+    electronic, not "dub"). No match: "default". (One compiled pattern and a cache: the gateway
+    makes a plan for every request.)
     """
     if not style:
         return "default"
     for phrase in re.split(r"[,;/|]", style.lower()):
         best: tuple[int, int, str] | None = None
-        for family, words in STYLE_KEYWORDS.items():
-            for word in words:
-                for m in re.finditer(r"(?<![a-z0-9])" + re.escape(word), phrase):
-                    cand = (m.start(), len(word), family)
-                    if best is None or cand[:2] > best[:2]:
-                        best = cand
+        for m in _STYLE_PATTERN.finditer(phrase):
+            word = m.group(1)
+            cand = (m.start(), len(word), _STYLE_FAMILY[word])
+            if best is None or cand[:2] > best[:2]:
+                best = cand
         if best is not None:
             return best[2]
     return "default"
