@@ -8,9 +8,13 @@ cog's ``setup()``/``predict()`` split does; nothing reloads per task.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from stems.batching import StemBatcher
 from stems.engine import StemEngine
+
+if TYPE_CHECKING:  # loaded on first use: demucs is imported only by workers that separate
+    from stems.separation import Separator
 
 _engines: dict[tuple[str, str], StemEngine] = {}
 _separators: dict[tuple[str, str], "Separator"] = {}

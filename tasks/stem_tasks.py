@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import redis
 from celery import chord
 from celery.utils.time import get_exponential_backoff_interval
@@ -158,6 +160,48 @@ def _retry_later(task, settings, exc: Exception, what: str):
                       max_retries=90)
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """What the MusicGen step of a stem or ensemble task made, and from what."""
+
+    audio: np.ndarray           # [channels, samples] at sample_rate
+    sample_rate: int            # Hz
+    device: str
+    plan: MusicalPlan
+    prompt: str
+    conditioning: str | None    # "chroma", "continuation" or None
+    seconds: float              # wall time of the generation
+
+
+def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[str], *,
+              ensemble: bool, progress) -> _Generation:
+    """The steps both tasks share: fetch and analyse the source (if any), take the job's plan,
+    build the prompt (one stem's, or the ensemble's for ``stems``), choose the conditioning and
+    generate through the worker's batcher."""
+    parameters = request["parameters"]
+    batcher = get_batcher(settings)
+    engine = batcher.engine
+    source = _source(request, settings)
+    plan = _job_plan(jobs, job_id, request, settings, source)
+    text = dict(style=parameters.get("style"), prompt=parameters.get("prompt"),
+                harmony=plan.prompt_text())
+    if ensemble:
+        prompt = build_ensemble_prompt(stems, plan.bpm, **text)
+    else:
+        prompt = build_stem_prompt(stems[0], plan.bpm, **text)
+    conditioning = conditioning_for(None if ensemble else stems[0], plan,
+                                    melody_model=engine.supports_melody, source=source,
+                                    settings=settings)
+    started = time.perf_counter()
+    # Stems of one request (and compatible concurrent requests) share one MusicGen call.
+    audio = batcher.generate(
+        prompt, float(parameters["duration_seconds"]) + settings.generation_margin_seconds,
+        sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
+        progress=progress, conditioning=conditioning)
+    return _Generation(audio, engine.sample_rate, engine.device, plan, prompt,
+                       conditioning.kind if conditioning else None, time.perf_counter() - started)
+
+
 @app.task(bind=True, name="stemgen.generate_stem", max_retries=STORAGE_MAX_RETRIES)
 def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     """Generate, conform, encode and upload one stem; return its result dict (never raises for a
@@ -174,31 +218,17 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     try:
         jobs.count_run(job_id, stem)
         jobs.update_stem(job_id, stem, "running", 0.0)
-        batcher = get_batcher(settings)
-        engine = batcher.engine
-        source = _source(request, settings)
-        plan = _job_plan(jobs, job_id, request, settings, source)
-        prompt = build_stem_prompt(stem, plan.bpm, style=parameters.get("style"),
-                                   prompt=parameters.get("prompt"), harmony=plan.prompt_text())
-        conditioning = conditioning_for(stem, plan, melody_model=engine.supports_melody,
-                                        source=source, settings=settings)
-        started = time.perf_counter()
-        # Stems of one request (and compatible concurrent requests) share one MusicGen call.
-        audio = batcher.generate(
-            prompt, duration + settings.generation_margin_seconds,
-            sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
-            progress=_ProgressReporter(jobs, job_id, stem, span=0.9), conditioning=conditioning)
-        generation_seconds = time.perf_counter() - started
-        rendered = render_stem(audio, engine.sample_rate, bpm=plan.bpm, duration_seconds=duration,
-                               beats_per_bar=settings.beats_per_bar,
+        made = _generate(settings, jobs, job_id, request, [stem], ensemble=False,
+                         progress=_ProgressReporter(jobs, job_id, stem, span=0.9))
+        rendered = render_stem(made.audio, made.sample_rate, bpm=made.plan.bpm,
+                               duration_seconds=duration, beats_per_bar=settings.beats_per_bar,
                                loop=bool(parameters.get("loop", False)),
                                target_lufs=settings.target_lufs,
                                max_true_peak_dbtp=settings.max_true_peak_dbtp)
         jobs.update_stem(job_id, stem, "running", 0.95)
-        return _store_stem(settings, jobs, job_id, request, stem, rendered, plan,
-                           device=engine.device, prompt=prompt,
-                           conditioning=conditioning.kind if conditioning else None,
-                           generation_seconds=round(generation_seconds, 3))
+        return _store_stem(settings, jobs, job_id, request, stem, rendered, made.plan,
+                           device=made.device, prompt=made.prompt, conditioning=made.conditioning,
+                           generation_seconds=round(made.seconds, 3))
     except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
         retry = _retry_later(self, settings, exc, f"{job_id}/{stem}")
         if retry is None:
@@ -241,23 +271,10 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
         for stem in stems:
             jobs.count_run(job_id, stem)
             jobs.update_stem(job_id, stem, "running", 0.0)
-        batcher = get_batcher(settings)
-        engine = batcher.engine
-        source = _source(request, settings)
-        plan = _job_plan(jobs, job_id, request, settings, source)
-        prompt = build_ensemble_prompt(stems, plan.bpm, style=parameters.get("style"),
-                                       prompt=parameters.get("prompt"), harmony=plan.prompt_text())
-        conditioning = conditioning_for(None, plan, melody_model=engine.supports_melody,
-                                        source=source, settings=settings)
-        started = time.perf_counter()
-        mix = batcher.generate(
-            prompt, duration + settings.generation_margin_seconds,
-            sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
-            progress=_EnsembleProgress([_ProgressReporter(jobs, job_id, s, span=0.7) for s in stems]),
-            conditioning=conditioning)
-        generation_seconds = time.perf_counter() - started
-        rate = engine.sample_rate
-        conformed = conform_clip(mix, rate, bpm=plan.bpm, duration_seconds=duration,
+        progress = _EnsembleProgress([_ProgressReporter(jobs, job_id, s, span=0.7) for s in stems])
+        made = _generate(settings, jobs, job_id, request, stems, ensemble=True, progress=progress)
+        rate = made.sample_rate
+        conformed = conform_clip(made.audio, rate, bpm=made.plan.bpm, duration_seconds=duration,
                                  beats_per_bar=settings.beats_per_bar,
                                  loop=bool(parameters.get("loop", False)))
         started = time.perf_counter()
@@ -275,10 +292,9 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
             warnings = ([f"nearly silent after separation: {level_db:.1f} dB relative to the mix "
                          f"(threshold {settings.separation_silent_stem_db:g} dB)"] if silent else [])
             results[stem] = _store_stem(
-                settings, jobs, job_id, request, stem, rendered, plan, device=engine.device,
-                prompt=prompt, arrangement="ensemble",
-                conditioning=conditioning.kind if conditioning else None,
-                generation_seconds=round(generation_seconds, 3),
+                settings, jobs, job_id, request, stem, rendered, made.plan, device=made.device,
+                prompt=made.prompt, arrangement="ensemble", conditioning=made.conditioning,
+                generation_seconds=round(made.seconds, 3),
                 separation={"model": settings.separation_model, "level_db": round(level_db, 2),
                             "seconds": round(separation_seconds, 3)},
                 silent=silent, warnings=warnings)
