@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     # --- request limits -------------------------------------------------------------------------
     max_duration_seconds: float = 30.0
     max_request_bytes: int = 64 * 1024
+    #: A body over MAX_REQUEST_BYTES is read and discarded up to this many bytes and seconds before
+    #: the 413 is sent, so that clients which send the whole body first still see the answer.
+    request_drain_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
+    request_drain_seconds: float = Field(default=10.0, ge=0)
 
     # --- audio -----------------------------------------------------------------------------------
     beats_per_bar: int = 4

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -31,6 +32,35 @@ def field_errors(exc: ValidationError) -> list[dict]:
         path = ".".join(str(p) for p in err["loc"]) or "body"
         out.append({"field": path, "message": err["msg"], "type": err["type"]})
     return out
+
+
+def drain_body(limit_bytes: int, limit_seconds: float) -> int:
+    """Read and discard what is left of the request body, up to ``limit_bytes`` bytes and
+    ``limit_seconds`` seconds; returns the bytes read.
+
+    A client that sends its whole body before it reads the answer (Python's urllib, many HTTP
+    libraries) gets a connection reset instead of an early answer: closing a socket with unread
+    data in it makes the kernel send RST, which destroys the answer in flight. Reading the rest of
+    the body first lets the answer (a 413) reach the client; past the bounds the connection is
+    closed as before.
+    """
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return 0
+    length = request.content_length
+    remaining = limit_bytes if length is None else min(length, limit_bytes)
+    deadline = time.monotonic() + limit_seconds
+    done = 0
+    try:
+        while remaining > 0 and time.monotonic() < deadline:
+            chunk = stream.read(min(64 * 1024, remaining))
+            if not chunk:
+                break
+            done += len(chunk)
+            remaining -= len(chunk)
+    except (OSError, ValueError) as exc:  # the client went away: nothing to answer
+        log.info("request body not drained: %s", exc)
+    return done
 
 
 def error_response(status: int, code: str, message: str, fields: list[dict] | None = None,
@@ -71,8 +101,11 @@ def register_error_handlers(app: Flask) -> None:
     def _too_large(exc: RequestEntityTooLarge):
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
         message = f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)"
+        settings = current_app.extensions["stemgen.settings"]
+        drain_body(settings.request_drain_bytes, settings.request_drain_seconds)
         return error_response(413, "request_entity_too_large", message,
-                              [{"field": "body", "message": message, "type": "too_large"}])
+                              [{"field": "body", "message": message, "type": "too_large"}],
+                              headers={"Connection": "close"})
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

@@ -130,3 +130,29 @@ def test_rabbitmq_broker(tmp_path):
                 gateway.stop()
         finally:
             worker.stop()
+
+
+@pytest.mark.parametrize("client", ["urllib", "requests"])
+def test_oversized_body_gets_its_413_with_clients_that_send_it_all_first(stack, client):
+    """urllib (and requests, for a bytes body) write the whole body before reading the answer;
+    the gateway reads and discards it so the 413 arrives instead of a connection reset."""
+    import urllib.error
+    import urllib.request
+
+    body = b'{"pad": "' + b"x" * (20 * 1024 * 1024) + b'"}'
+    url = f"{stack['base']}/generate"
+    if client == "urllib":
+        req = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=30)
+        status, answer = caught.value.code, json.loads(caught.value.read())
+    else:
+        response = requests.post(url, data=body, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        status, answer = response.status_code, response.json()
+    assert status == 413
+    assert answer["error"]["code"] == "request_entity_too_large"
+    assert answer["error"]["fields"][0]["field"] == "body"
+    # the gateway still serves
+    assert requests.get(f"{stack['base']}/health/live", timeout=5).status_code == 200
