@@ -49,7 +49,8 @@ def engine_for(settings) -> StemEngine:
 
 def loaded() -> list[dict]:
     """What this process has loaded (for health reports)."""
-    return [{"model": m, "device": e.device} for (m, _), e in _engines.items()]
+    return [{"model": m, "device": e.device, "melody": e.supports_melody}
+            for (m, _), e in _engines.items()]
 
 
 def get_batcher(settings) -> StemBatcher:

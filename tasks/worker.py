@@ -23,7 +23,7 @@ from stems.engine import resolve_device
 from stems.render import warm_up as render_warm_up
 from tasks.app import app
 from tasks.dispatcher import DispatcherThread, OutboxDispatcher
-from tasks.model_cache import engine_for
+from tasks.model_cache import engine_for, loaded
 
 log = logging.getLogger(__name__)
 # The Azure SDK logs every request's headers at INFO; keep worker logs about our work.
@@ -85,6 +85,13 @@ app.steps["worker"].add(OutboxDispatch)
 
 @inspect_command(name="stemgen_info")
 def stemgen_info(state):
-    """Model and device of this worker (remote control: ``app.control.broadcast('stemgen_info')``)."""
+    """Model and device of this worker (remote control: ``app.control.broadcast('stemgen_info')``),
+    whether its model is melody-conditioned (chroma conditioning, once loaded) and the Demucs
+    model ensemble requests are separated with."""
     settings = app.stemgen_settings
-    return {"model": settings.musicgen_model, "device": resolve_device(settings.stemgen_device)}
+    info = {"model": settings.musicgen_model, "device": resolve_device(settings.stemgen_device),
+            "separation_model": settings.separation_model}
+    for engine in loaded():
+        if engine["model"] == settings.musicgen_model:
+            info["melody"] = engine["melody"]
+    return info

@@ -92,6 +92,9 @@ def test_independent_stems_follow_one_plan(stack, receiver):
     assert set(coherence["stems"]) >= {"guitar", "bass"}
     status = requests.get(accepted["status_url"], timeout=5).json()
     assert status["plan"] == plan and status["coherence"] == coherence
+    health = requests.get(f"{stack['base']}/health", timeout=10).json()
+    assert any(w["model"] == "tiny" and w["melody"] is False
+               and w["separation_model"] == "htdemucs_6s" for w in health["workers"])
 
 
 def test_plan_is_recorded_at_submission(stack, receiver):
@@ -194,6 +197,8 @@ def test_melody_worker_follows_the_plans_chords(tmp_path, receiver):
         assert stems["guitar"]["conditioning"] == "chroma"
         assert stems["bass"]["conditioning"] == "chroma"
         assert stems["drums"]["conditioning"] is None
+        health = requests.get(f"{s['base']}/health", timeout=10).json()
+        assert any(w["model"] == "tiny-melody" and w["melody"] for w in health["workers"])
     finally:
         s["gateway"].stop()
         s["worker"].stop()
