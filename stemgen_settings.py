@@ -86,7 +86,8 @@ class Settings(BaseSettings):
 
     # --- musical plan, ensemble generation, source audio -------------------------------------------
     #: Demucs model that separates an ensemble generation into stems (demucs.pretrained name;
-    #: htdemucs_6s has drums, bass and guitar sources). Loaded on the first ensemble request.
+    #: htdemucs_6s has drums, bass and guitar sources; "tiny": random weights, offline). Loaded on
+    #: the first ensemble request.
     separation_model: str = "htdemucs_6s"
     #: Demucs ``shifts`` (random-shift averaging; 0 = one pass) and ``overlap`` between segments.
     separation_shifts: int = Field(default=0, ge=0, le=10)

@@ -196,6 +196,12 @@ def write_checkpoint(directory: str | os.PathLike, scale: Scale = "tiny", *, see
     return out
 
 
+def cache_dir() -> Path:
+    """Where random-weight models made on first use are kept: ``$STEMGEN_CACHE_DIR``, else
+    ``<tmp>/stemgen``."""
+    return Path(os.environ.get("STEMGEN_CACHE_DIR") or Path(tempfile.gettempdir()) / "stemgen")
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` is a directory holding both audiocraft checkpoint files."""
     p = Path(path)

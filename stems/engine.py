@@ -91,11 +91,10 @@ TINY_MODELS = {"tiny": False, "tiny-melody": True}
 def tiny_checkpoint_dir(name: str = TINY) -> Path:
     """Directory of the shared tiny checkpoint ``name`` (see TINY_MODELS), written once
     (atomically) on first use."""
-    from stems.checkpoint import is_checkpoint_dir, write_checkpoint
+    from stems.checkpoint import cache_dir, is_checkpoint_dir, write_checkpoint
 
     melody = TINY_MODELS[name]
-    root = Path(os.environ.get("STEMGEN_CACHE_DIR") or Path(tempfile.gettempdir()) / "stemgen")
-    target = root / ("tiny-musicgen-melody" if melody else "tiny-musicgen")
+    target = cache_dir() / ("tiny-musicgen-melody" if melody else "tiny-musicgen")
     if not is_checkpoint_dir(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=target.parent))

@@ -25,6 +25,23 @@ DEFAULT_MODEL = "htdemucs_6s"
 ENERGY_FLOOR_DB = -120.0
 
 
+#: SEPARATION_MODEL for a random-weight htdemucs_6s (offline runs, tests).
+TINY = "tiny"
+
+
+def _load_tiny():
+    """``pretrained.get_model("htdemucs_6s")`` on a tiny random-weight file in the cache dir."""
+    from demucs import pretrained
+
+    from stems.checkpoint import cache_dir, demucs_checkpoint_path, torch_home_environment, write_tiny_demucs
+
+    home = cache_dir() / "tiny-demucs"
+    if not demucs_checkpoint_path(home, "htdemucs_6s").is_file():
+        write_tiny_demucs(home, "htdemucs_6s")  # atomic: a concurrent writer's file is the same
+    with torch_home_environment(home):
+        return pretrained.get_model("htdemucs_6s")
+
+
 class SeparationError(RuntimeError):
     """Demucs could not be loaded or could not separate, or a stem is not one of its sources."""
 
@@ -34,7 +51,9 @@ class Separator:
 
     Args:
         model: a Demucs model name ("htdemucs_6s": drums, bass, other, vocals, guitar, piano;
-            "htdemucs": the first four).
+            "htdemucs": the first four), or "tiny": a random-weight htdemucs_6s written on first
+            use (stems.checkpoint.write_tiny_demucs) and loaded through the same code, for
+            offline runs and tests.
         device: torch device the model runs on ("cpu", "cuda", "cuda:N").
         shifts: random time shifts averaged per segment (demucs's shift trick; 0 = off and
             deterministic, each shift costs one more pass).
@@ -71,7 +90,7 @@ class Separator:
         from demucs.apply import BagOfModels
 
         try:
-            loaded = pretrained.get_model(model)
+            loaded = _load_tiny() if model == TINY else pretrained.get_model(model)
         except (Exception, SystemExit) as exc:
             # demucs raises ModelLoadingError for an unknown name, urllib errors when the file is
             # missing offline, and exits the process (dora's fatal) when diffq is missing.

@@ -99,3 +99,14 @@ def test_stem_energy_db():
     assert stem_energy_db(0.1 * mix[:1], mix) == pytest.approx(-20.0, abs=0.2)  # mono vs stereo
     assert stem_energy_db(np.zeros_like(mix), mix) == ENERGY_FLOOR_DB
     assert stem_energy_db(mix, np.zeros_like(mix)) == ENERGY_FLOOR_DB
+
+
+def test_tiny_separator_is_written_on_first_use(tmp_path, monkeypatch):
+    from stems.separation import Separator
+
+    monkeypatch.setenv("STEMGEN_CACHE_DIR", str(tmp_path))
+    separator = Separator("tiny", num_threads=1)
+    assert "guitar" in separator.sources and separator.samplerate == 44100
+    parts = separator.separate(np.zeros((1, 16000), np.float32) + 0.01, 32000, ["bass"])
+    assert parts["bass"].shape == (1, 16000)
+    assert Separator("tiny", num_threads=1).sources == separator.sources  # reuses the file
