@@ -2,20 +2,7 @@
 
 import pytest
 
-from api import create_app
-from stemgen_settings import load_settings
-from tests.api.test_routes import FakeService, body
-
-
-@pytest.fixture
-def service():
-    return FakeService()
-
-
-@pytest.fixture
-def client(service):
-    settings = load_settings(default_callback_url="http://backend.test/cb", max_duration_seconds=30)
-    return create_app(settings, service=service).test_client()
+from tests.api.test_routes import body, client, service  # noqa: F401 (fixtures)
 
 
 def params(**extra):
