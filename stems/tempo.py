@@ -478,7 +478,7 @@ def estimate_tempo(audio: np.ndarray, sample_rate: int, *, beats_per_bar: int = 
     rough = float(librosa.feature.tempo(onset_envelope=onset, sr=_ANALYSIS_SR, hop_length=_HOP)[0])
     if not math.isfinite(rough) or rough <= 0:
         return 120.0, 0.0
-    beats = _analyse(mono, int(sample_rate), rough, beats_per_bar)
+    beats = _analyse(y, _ANALYSIS_SR, rough, beats_per_bar)  # y: already at the analysis rate
     if beats is None:
         return rough, 0.0
     return float(beats.source_bpm), float(beats.confidence)
