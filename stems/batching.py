@@ -9,8 +9,8 @@ call, and hands each caller its own clip. This is the dynamic batching of infere
 NVIDIA Triton's dynamic batcher or TorchServe's batch_size/max_batch_delay).
 
 Requests share a call when they have the same sampling parameters, the same seed, the same audio
-conditioning (if any) and the same duration bucket (durations rounded up to ``bucket_seconds``; the batch generates the longest and each
-clip is cut to its own length).
+conditioning (if any) and the same duration bucket (durations rounded up to ``bucket_seconds``;
+the batch generates the longest and each clip is cut to its own length).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stems.audio import WAV_CONTENT_TYPE, encode_wav
-from stems.plan import bars_for  # noqa: F401 (re-exported: the grid length of a stem)
 from stems.loudness import LoudnessReport, integrated_loudness, normalize_loudness
+from stems.plan import bars_for  # noqa: F401 (re-exported: the grid length of a stem)
 from stems.tempo import ConformResult, TempoAnalysis, conform_to_bpm
 
 
@@ -68,17 +68,14 @@ def finish_stem(audio: np.ndarray, sample_rate: int, tempo: TempoAnalysis, *,
         normalise: False keeps the level (only the true-peak ceiling is applied), for a nearly
             silent separated stem that gaining up would turn into loud bleed.
     """
-    if normalise:
-        out, loudness = normalize_loudness(audio, sample_rate, target_lufs=target_lufs,
-                                           max_true_peak_dbtp=max_true_peak_dbtp)
-    else:
-        # the ceiling as the target: integrated loudness can only be far below it, so the gain
-        # is what the true-peak limit allows, which is never a boost for such a quiet stem
+    if not normalise:
+        # Aim at the stem's own loudness (never above the target): no gain, only the true-peak
+        # ceiling still applies.
         measured = integrated_loudness(audio, sample_rate)
-        out, loudness = normalize_loudness(audio, sample_rate,
-                                           target_lufs=min(measured if measured is not None
-                                                           else target_lufs, target_lufs),
-                                           max_true_peak_dbtp=max_true_peak_dbtp)
+        if measured is not None:
+            target_lufs = min(measured, target_lufs)
+    out, loudness = normalize_loudness(audio, sample_rate, target_lufs=target_lufs,
+                                       max_true_peak_dbtp=max_true_peak_dbtp)
     channels, samples = out.shape
     return RenderedStem(
         data=encode_wav(out, sample_rate),
