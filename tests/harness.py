@@ -3,6 +3,7 @@ gunicorn gateway process, configured through the environment exactly as in produ
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -16,7 +17,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import requests
+import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -182,3 +185,25 @@ def wait_job(base: str, job_id: str, timeout: float, states=("completed", "faile
             return body
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} still {body.get('status')} after {timeout}s: {body}")
+
+
+#: Frequency ratios of a triad over its root: minor (A-C-E over A) and major.
+MINOR_TRIAD = (1.0, 1.189, 1.498)
+MAJOR_TRIAD = (1.0, 1.26, 1.498)
+
+
+def groove_wav(bpm: float, seconds: float = 12.0, *, root_hz: float = 220.0,
+               triad: tuple[float, ...] = MINOR_TRIAD, channels: int = 1, rate: int = 22050) -> bytes:
+    """A user's song stand-in, as WAV bytes: a sustained triad on ``root_hz`` with a kick-like
+    click on every beat at ``bpm``, ``seconds`` long, ``channels`` identical channels."""
+    t = np.arange(int(seconds * rate)) / rate
+    pad = sum(np.sin(2 * np.pi * root_hz * r * t) for r in triad) * 0.15
+    clicks = np.zeros_like(t)
+    for beat in np.arange(0, seconds, 60.0 / bpm):
+        i = int(beat * rate)
+        n = min(800, len(t) - i)
+        clicks[i:i + n] += 0.8 * np.exp(-np.arange(n) / 120.0) * np.sin(2 * np.pi * 80 * np.arange(n) / rate)
+    mix = pad + clicks
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([mix] * channels, axis=1) if channels > 1 else mix, rate, format="WAV")
+    return buffer.getvalue()

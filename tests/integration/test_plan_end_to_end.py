@@ -8,7 +8,6 @@ import json
 import time
 import uuid
 
-import numpy as np
 import pytest
 import requests
 import soundfile as sf
@@ -16,7 +15,8 @@ import soundfile as sf
 from stems.checkpoint import write_tiny_demucs
 from storage import store_from_settings
 from stemgen_settings import load_settings
-from tests.harness import REDIS, CallbackReceiver, service_env, start_gateway, start_worker
+from tests.harness import (MAJOR_TRIAD, REDIS, CallbackReceiver, groove_wav, service_env,
+                           start_gateway, start_worker)
 
 SAMPLE_RATE = 32000
 
@@ -131,20 +131,6 @@ def test_ensemble_is_one_performance_separated_into_stems(stack, receiver):
     assert all(s["runs"] == 1 for s in status["stems"])
 
 
-def song(bpm=110.0, seconds=12.0) -> bytes:
-    rate = 22050
-    t = np.arange(int(seconds * rate)) / rate
-    pad = sum(np.sin(2 * np.pi * 196.0 * r * t) for r in (1.0, 1.26, 1.498)) * 0.15  # G major triad
-    clicks = np.zeros_like(t)
-    for beat in np.arange(0, seconds, 60.0 / bpm):
-        i = int(beat * rate)
-        n = min(800, len(t) - i)
-        clicks[i:i + n] += 0.8 * np.exp(-np.arange(n) / 120.0) * np.sin(2 * np.pi * 80 * np.arange(n) / rate)
-    buffer = io.BytesIO()
-    sf.write(buffer, pad + clicks, rate, format="WAV")
-    return buffer.getvalue()
-
-
 def upload_source(stack, name, data):
     settings = load_settings(source_audio_container=stack["env"]["SOURCE_AUDIO_CONTAINER"])
     store_from_settings(settings, container=settings.source_audio_container).upload(
@@ -152,7 +138,7 @@ def upload_source(stack, name, data):
 
 
 def test_conditioned_on_the_users_song(stack, receiver):
-    upload_source(stack, "song-1", song(bpm=110.0))
+    upload_source(stack, "song-1", groove_wav(110.0, root_hz=196.0, triad=MAJOR_TRIAD))
     body, accepted, payload = submit(stack, receiver, ["bass", "drums"], condition_on_audio=True)
     assert payload["status"] == "completed", json.dumps(payload)
     plan = payload["plan"]

@@ -12,22 +12,14 @@ import soundfile as sf
 from stemgen_settings import load_settings
 from storage import store_from_settings
 from tasks.source_audio import SourceAudioError, load_source
+from tests.harness import MINOR_TRIAD, groove_wav
 
 RATE = 22050
 
 
-def song(bpm=100.0, seconds=12.0, tonic_hz=220.0) -> bytes:
-    """A clicky A-minor-ish groove: kick-like clicks on each beat over an A minor triad."""
-    t = np.arange(int(seconds * RATE)) / RATE
-    pad = sum(np.sin(2 * np.pi * tonic_hz * r * t) for r in (1.0, 1.189, 1.498)) * 0.15
-    clicks = np.zeros_like(t)
-    for beat in np.arange(0, seconds, 60.0 / bpm):
-        i = int(beat * RATE)
-        n = min(800, len(t) - i)
-        clicks[i:i + n] += 0.8 * np.exp(-np.arange(n) / 120.0) * np.sin(2 * np.pi * 80 * np.arange(n) / RATE)
-    buffer = io.BytesIO()
-    sf.write(buffer, np.stack([pad + clicks, pad + clicks], axis=1), RATE, format="WAV")
-    return buffer.getvalue()
+def song(bpm=100.0, seconds=12.0) -> bytes:
+    """A clicky groove over an A minor triad (stereo)."""
+    return groove_wav(bpm, seconds, root_hz=220.0, triad=MINOR_TRIAD, channels=2, rate=RATE)
 
 
 @pytest.fixture
