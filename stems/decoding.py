@@ -1,0 +1,617 @@
+"""Static key/value cache and CUDA-graph decoding for MusicGen's language model.
+
+audiocraft decodes one token frame per step through its streaming transformer: every step grows
+each layer's key/value tensors, re-runs Python for ~900 kernel launches and, on CUDA, casts every
+weight under autocast. On a GPU the host side is then 95 % of a step (see docs/benchmarks.md).
+This module decodes the same model the way gpt-fast (pytorch-labs) decodes LLaMA:
+
+- **prefill** apart from **decode**: the first step of a generation (text conditioning, a
+  continuation's prompt tokens, a melody model's prepended chromagram) runs through audiocraft's
+  own streaming forward, unchanged; its keys/values are then copied into a static cache;
+- a **static key/value cache**: per layer, ``[rows, heads, capacity, head_dim]`` allocated once;
+  a step writes its keys/values at position ``pos`` and attends over a fixed-length prefix with a
+  mask, so every step has the same shapes;
+- **cross-attention keys/values** of the text conditioning projected once per generation into a
+  static buffer (padded, masked);
+- **classifier-free guidance** in the same step: conditional and unconditional rows side by side;
+- **sampling** (top-k / top-p / temperature) with graph-safe random numbers: the exponential race
+  ``argmax(p / Exp(1))``, the fast path ``torch.multinomial`` itself takes for one sample, so the
+  tokens are the same as audiocraft's for the same seed (checked in tests);
+- the codebook **delay pattern** handled as audiocraft's ``LMModel.generate`` does, without the
+  boolean indexing that would synchronise the host every step;
+- on CUDA one decoding step per (batch bucket, attended length) **captured as a CUDA graph**
+  (``torch.cuda.CUDAGraph``), replayed each step. Batches are padded to the bucket (1, 2, 4, ... 64
+  rows); padded rows copy a real row and never reach a result.
+
+Two shapes of the same step:
+
+- ``exact``: no padding, attention over exactly the past (dynamic shapes, no graphs). On the same
+  device it gives bitwise the same tokens as audiocraft's eager generate (tests pin this on CPU).
+- ``static``: bucket padding and masked attention over a fixed length, what a graph captures. On
+  CPU it runs eagerly (tested there); its tokens agree with eager ones where the arithmetic of a
+  different batch shape allows (reported by ``bench.decoding``).
+
+Architectures outside what the step implements (rotary or no positional embedding, post-norm
+layers, grouped key/values, local attention, two-step guidance, ``sum`` fusing) fall back to
+audiocraft's generate: ``unsupported_reason`` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+ENGINE_MODES = ("auto", "eager", "exact", "static", "graph")
+#: Batch-size buckets a static step is padded to (rows before classifier-free guidance doubles them).
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def unsupported_reason(lm) -> str | None:
+    """Why static decoding cannot run this language model (None: it can).
+
+    Args:
+        lm: audiocraft ``LMModel``.
+    """
+    from audiocraft.modules.transformer import StreamingTransformerLayer
+
+    transformer = lm.transformer
+    if transformer.positional_embedding != "sin":
+        return f"positional embedding {transformer.positional_embedding!r} (only 'sin')"
+    if lm.two_step_cfg:
+        return "two-step classifier-free guidance"
+    fuse = lm.fuser.fuse2cond
+    if fuse.get("sum") or fuse.get("input_interpolate"):
+        return "conditions fused by sum/interpolation at every step"
+    for layer in transformer.layers:
+        if not isinstance(layer, StreamingTransformerLayer) or not layer.norm_first:
+            return "post-norm or unknown transformer layer"
+        sa = layer.self_attn
+        if (not sa.custom or sa.kv_repeat != 1 or sa.rope is not None or sa.past_context is not None
+                or sa.qk_layer_norm or sa.attention_as_float32):
+            return "self-attention variant (kv_repeat, rope, local attention, qk norm or float32)"
+        ca = layer.cross_attention
+        if ca is not None and (not ca.custom or ca.qk_layer_norm or ca.attention_as_float32):
+            return "cross-attention variant"
+    return None
+
+
+def bucket_for(rows: int, buckets: tuple[int, ...]) -> int | None:
+    """Smallest bucket holding ``rows`` (None when ``rows`` exceeds the largest)."""
+    for size in sorted(buckets):
+        if size >= rows:
+            return size
+    return None
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Sampling settings a captured step bakes in (audiocraft's generate arguments)."""
+
+    use_sampling: bool
+    temp: float
+    top_k: int
+    top_p: float
+    cfg_coef: float
+
+
+def sample_next(logits, sampler: Sampler, noise=None):
+    """Sample one token per row and codebook, with graph-safe random numbers.
+
+    The same arithmetic as audiocraft's ``LMModel._sample_next_token`` + ``utils.sample_top_k`` /
+    ``sample_top_p``, but ``torch.multinomial`` replaced by the exponential race it takes itself
+    for one sample (``argmax(p / q)``, ``q ~ Exp(1)``; Gumbel-max in another guise): no host
+    synchronisation, and the same draws from the same generator state.
+
+    Args:
+        logits: ``[rows, codebooks, card]``, guidance already applied.
+        sampler: temperature, top-k, top-p; greedy when ``use_sampling`` is false or temp is 0.
+        noise: float32 ``[rows, codebooks, card]`` Exp(1) draws to race with (drawn here when
+            None). Drawing them outside a captured step, for the real rows only, keeps a padded
+            batch's draws those of the unpadded batch.
+
+    Returns:
+        int64 ``[rows, codebooks, 1]``.
+    """
+    import torch
+
+    if not (sampler.use_sampling and sampler.temp > 0.0):
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    probs = torch.softmax((logits / sampler.temp).float(), dim=-1)
+    if sampler.top_p > 0.0:
+        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+        probs_sum = torch.cumsum(probs_sort, dim=-1)
+        mask = probs_sum - probs_sort > sampler.top_p
+        probs_sort *= (~mask).float()
+        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+        return torch.gather(probs_idx, -1, _exponential_race(probs_sort, noise))
+    if sampler.top_k > 0:
+        top_k_value, _ = torch.topk(probs, sampler.top_k, dim=-1)
+        probs *= (probs >= top_k_value[..., [-1]]).float()
+        probs.div_(probs.sum(dim=-1, keepdim=True))
+    return _exponential_race(probs, noise)
+
+
+def _exponential_race(probs, noise=None):
+    import torch
+
+    q = torch.empty_like(probs).exponential_(1) if noise is None else noise
+    return torch.argmax(probs / q, dim=-1, keepdim=True)
+
+
+@dataclass
+class DecodeStats:
+    """What the decoder did since start (reported by health checks and the bench)."""
+
+    generations: int = 0
+    steps: int = 0
+    graph_steps: int = 0
+    fallbacks: int = 0
+    last_fallback: str | None = None
+    graphs: int = 0
+    capture_seconds: float = 0.0
+    buckets_used: dict = field(default_factory=dict)
+
+
+class StaticDecoder:
+    """Decodes MusicGen tokens with a static key/value cache (and CUDA graphs on CUDA).
+
+    Installed on a loaded ``LMModel`` by ``install``: its ``generate`` then runs here, with the
+    same arguments and result as ``LMModel.generate``.
+
+    Args:
+        lm: audiocraft ``LMModel`` (eval mode).
+        shape: "exact" (no padding, dynamic lengths) or "static" (bucket padding, masked
+            attention over fixed lengths).
+        graphs: capture and replay CUDA graphs (``static`` shape on a CUDA device only).
+        buckets: batch-size buckets (rows before guidance doubles them).
+        capacity_steps: most transformer positions a generation may use (prefix + tokens); the
+            static cache holds that many per row. Longer generations fall back to eager.
+        kv_chunk_steps: a static step attends over the smallest multiple of this many positions
+            that covers the past (one graph per multiple): short clips read a short cache.
+        max_cross_tokens: most conditioning tokens the cross-attention buffer holds.
+
+    Raises:
+        ValueError: for an unknown shape, graphs on a non-CUDA device or in ``exact`` shape.
+    """
+
+    def __init__(self, lm, *, shape: str = "static", graphs: bool = False,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capacity_steps: int = 1536,
+                 kv_chunk_steps: int = 256, max_cross_tokens: int = 128):
+        import torch
+
+        if shape not in ("exact", "static"):
+            raise ValueError("shape must be 'exact' or 'static'")
+        device = next(iter(lm.parameters())).device
+        if graphs and (shape != "static" or device.type != "cuda"):
+            raise ValueError("CUDA graphs need the static shape on a CUDA device")
+        self.lm = lm
+        self.shape = shape
+        self.graphs = graphs
+        self.buckets = tuple(sorted(set(buckets)))
+        self.kv_chunk = int(kv_chunk_steps)
+        self.capacity = int(math.ceil(capacity_steps / self.kv_chunk) * self.kv_chunk)
+        self.max_cross = int(max_cross_tokens)
+        self.device = device
+        self.dtype = lm.linears[0].weight.dtype
+        self.stats = DecodeStats()
+        self._torch = torch
+        self._original_generate = type(lm).generate.__get__(lm)
+        layer = lm.transformer.layers[0]
+        self._heads = layer.self_attn.num_heads
+        self._dim = layer.self_attn.embed_dim
+        self._cross = layer.cross_attention is not None
+        #: why this model decodes through audiocraft's generate instead (None: it does not)
+        self.unsupported = unsupported_reason(lm)
+        self._buffers: dict | None = None
+        self._graphs: dict[tuple, object] = {}
+        self._pool = None
+        self._lock = threading.RLock()
+
+    # --- installation ----------------------------------------------------------------------------
+    def install(self) -> "StaticDecoder":
+        """Route ``lm.generate`` (this instance only) through the decoder."""
+        decoder = self
+
+        def generate(lm_self, *args, **kwargs):
+            return decoder.generate(*args, **kwargs)
+
+        self.lm.generate = types.MethodType(generate, self.lm)
+        return self
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self, prompt=None, conditions=(), num_samples=None, max_gen_len: int = 256,
+                 use_sampling: bool = True, temp: float = 1.0, top_k: int = 250,
+                 top_p: float = 0.0, cfg_coef: float | None = None, two_step_cfg=None,
+                 remove_prompts: bool = False, check: bool = False, callback=None, **kwargs):
+        """``LMModel.generate`` (same arguments, same ``[B, K, T]`` int64 codes) with the first
+        step through audiocraft and the rest through the static step."""
+        torch = self._torch
+        lm = self.lm
+        reason = self.unsupported if not two_step_cfg else "two-step classifier-free guidance"
+        if reason is None and check:
+            reason = "check=True"
+        if reason is not None:
+            return self._fallback(reason, prompt, list(conditions), num_samples, max_gen_len,
+                                  use_sampling, temp, top_k, top_p, cfg_coef, two_step_cfg,
+                                  remove_prompts, check, callback, **kwargs)
+        from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+
+        conditions = list(conditions)
+        num_samples = (num_samples if num_samples is not None
+                       else prompt.shape[0] if prompt is not None else len(conditions) or 1)
+        if conditions:
+            null_conditions = ClassifierFreeGuidanceDropout(p=1.0)(conditions)
+            cfg_conditions = lm.condition_provider(
+                lm.condition_provider.tokenize(conditions + null_conditions))
+        else:
+            cfg_conditions = {}
+        if prompt is None:
+            prompt = torch.zeros((num_samples, lm.num_codebooks, 0), dtype=torch.long,
+                                 device=self.device)
+        B, K, T = prompt.shape
+        sampler = Sampler(bool(use_sampling), float(temp), int(top_k), float(top_p),
+                          float(lm.cfg_coef if cfg_coef is None else cfg_coef))
+        pattern = lm.pattern_provider.get_pattern(max_gen_len)
+        unknown = -1
+        gen_codes = torch.full((B, K, max_gen_len), unknown, dtype=torch.long, device=self.device)
+        gen_codes[..., :T] = prompt
+        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+        start = pattern.get_first_step_with_timesteps(T)
+        length = gen_sequence.shape[-1]
+        bucket = B if self.shape == "exact" else bucket_for(B, self.buckets)
+        if bucket is None:
+            return self._fallback(f"batch {B} above the largest bucket {self.buckets[-1]}", prompt,
+                                  conditions, num_samples, max_gen_len, use_sampling, temp, top_k,
+                                  top_p, cfg_coef, two_step_cfg, remove_prompts, check, callback,
+                                  **kwargs)
+        cfg = bool(cfg_conditions)
+        fuse = lm.fuser.fuse2cond
+        prefix = sum(cfg_conditions[name][0].shape[1] for name in fuse.get("prepend", ())
+                     if name in cfg_conditions)
+        cross_tokens = sum(cfg_conditions[name][0].shape[1] for name in fuse.get("cross", ())
+                           if name in cfg_conditions)
+        needed = prefix + length  # transformer positions: prepended conditions + every step
+        if self.shape == "static" and (needed > self.capacity or cross_tokens > self.max_cross):
+            return self._fallback(
+                f"{needed} positions / {cross_tokens} conditioning tokens above the static "
+                f"capacity {self.capacity} / {self.max_cross}", prompt, conditions, num_samples,
+                max_gen_len, use_sampling, temp, top_k, top_p, cfg_coef, two_step_cfg,
+                remove_prompts, check, callback, **kwargs)
+
+        def write(offset: int, next_token) -> None:
+            valid = mask[..., offset:offset + 1].expand(B, -1, -1)
+            next_token = torch.where(valid, next_token,
+                                     torch.full_like(next_token, lm.special_token_id))
+            column = gen_sequence[..., offset:offset + 1]
+            gen_sequence[..., offset:offset + 1] = torch.where(column == unknown, next_token, column)
+            if callback is not None:
+                callback(1 + offset - start, length - start)
+
+        with self._lock:
+            if self.graphs:
+                self.capture(bucket, cfg, sampler)  # no-op once captured; keeps the RNG state
+            with lm.streaming():
+                # Prefill: audiocraft's own step (prompt tokens, prepended conditions).
+                first = lm._sample_next_token(gen_sequence[..., 0:start], cfg_conditions, {},
+                                              use_sampling, temp, top_k, top_p,
+                                              cfg_coef=cfg_coef, two_step_cfg=False)
+                pos = int(lm.transformer._streaming_state["offsets"][0])
+                prefilled = self._harvest(B, bucket, cfg, needed, cfg_conditions)
+            write(start, first)
+            step = self._stepper(B, bucket, cfg, sampler, prefilled)
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                for offset in range(start + 1, length):
+                    write(offset, step(gen_sequence[..., offset - 1], pos))
+                    pos += 1
+            self.stats.generations += 1
+            self.stats.steps += length - start - 1
+            self.stats.buckets_used[bucket] = self.stats.buckets_used.get(bucket, 0) + 1
+        out_codes, _, _ = pattern.revert_pattern_sequence(gen_sequence, special_token=unknown)
+        out_start = T if remove_prompts else 0
+        return out_codes[..., out_start:max_gen_len]
+
+    def _fallback(self, reason, prompt, conditions, num_samples, max_gen_len, use_sampling, temp,
+                  top_k, top_p, cfg_coef, two_step_cfg, remove_prompts, check, callback, **kwargs):
+        self.stats.fallbacks += 1
+        if self.stats.last_fallback != reason:
+            log.info("static decoding falls back to audiocraft's generate: %s", reason)
+        self.stats.last_fallback = reason
+        return self._original_generate(prompt, conditions, num_samples, max_gen_len, use_sampling,
+                                       temp, top_k, top_p, cfg_coef, two_step_cfg, remove_prompts,
+                                       check, callback, **kwargs)
+
+    # --- cache -----------------------------------------------------------------------------------
+    def _static_buffers(self) -> dict:
+        """The static cache, allocated once for the largest bucket (smaller buckets use row
+        prefixes of it, so every graph reads and writes fixed addresses)."""
+        if self._buffers is None:
+            torch = self._torch
+            rows = 2 * self.buckets[-1]
+            head_dim = self._dim // self._heads
+            layers = len(self.lm.transformer.layers)
+            kv = (layers, rows, self._heads, self.capacity, head_dim)
+            cross = (layers, rows, self._heads, self.max_cross, head_dim)
+            options = {"dtype": self.dtype, "device": self.device}
+            self._buffers = {
+                "keys": torch.zeros(kv, **options), "values": torch.zeros(kv, **options),
+                "cross_keys": torch.zeros(cross, **options) if self._cross else None,
+                "cross_values": torch.zeros(cross, **options) if self._cross else None,
+                "cross_valid": torch.zeros((1, 1, 1, self.max_cross), dtype=torch.bool,
+                                           device=self.device),
+                "tokens": torch.zeros((rows // 2, self.lm.num_codebooks), dtype=torch.long,
+                                      device=self.device),
+                "pos": torch.zeros((), dtype=torch.long, device=self.device),
+                "out": torch.zeros((rows // 2, self.lm.num_codebooks, 1), dtype=torch.long,
+                                   device=self.device),
+                "noise": torch.ones((rows // 2, self.lm.num_codebooks, self.lm.card),
+                                    dtype=torch.float32, device=self.device),
+            }
+        return self._buffers
+
+    def static_cache_bytes(self) -> int:
+        """Bytes the static cache takes (0 before first use or in ``exact`` shape)."""
+        if self._buffers is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None)
+
+    def _harvest(self, batch: int, bucket: int, cfg: bool, needed: int, cfg_conditions) -> dict:
+        """Copy the prefill's keys/values (audiocraft's streaming state) into the cache and
+        project the cross-attention keys/values. Rows are laid out ``[conditional bucket;
+        unconditional bucket]``; padded rows copy the first real row of their half."""
+        torch = self._torch
+        lm = self.lm
+        layers = lm.transformer.layers
+        halves = 2 if cfg else 1
+        if self.shape == "exact":
+            cache = {"keys": [], "values": [], "cross_keys": [], "cross_values": []}
+        else:
+            buffers = self._static_buffers()
+            rows = halves * bucket
+            cache = {"keys": [buffers["keys"][i, :rows] for i in range(len(layers))],
+                     "values": [buffers["values"][i, :rows] for i in range(len(layers))],
+                     "cross_keys": [], "cross_values": []}
+        cross_src = None
+        if self._cross:
+            _, cross_src = lm.fuser(torch.zeros((halves * batch, 0, self._dim), device=self.device,
+                                                dtype=self.dtype), cfg_conditions)
+        for i, layer in enumerate(layers):
+            state = layer.self_attn._streaming_state
+            past_k, past_v = state["past_keys"], state["past_values"]  # [halves*B, H, pos, D]
+            if self.shape == "exact":
+                shape = list(past_k.shape)
+                shape[2] = needed
+                k, v = past_k.new_empty(shape), past_v.new_empty(shape)
+                k[:, :, :past_k.shape[2]] = past_k
+                v[:, :, :past_v.shape[2]] = past_v
+                cache["keys"].append(k)
+                cache["values"].append(v)
+            else:
+                for target, source in ((cache["keys"][i], past_k), (cache["values"][i], past_v)):
+                    _copy_rows(target, source.to(self.dtype), batch, bucket, halves, source.shape[2])
+            if cross_src is not None:
+                ck, cv = _project_cross(layer.cross_attention, cross_src, self._heads)
+                if self.shape == "exact":
+                    cache["cross_keys"].append(ck)
+                    cache["cross_values"].append(cv)
+                else:
+                    buffers = self._buffers
+                    n = ck.shape[2]
+                    for name, source in (("cross_keys", ck), ("cross_values", cv)):
+                        target = buffers[name][i, :halves * bucket]
+                        target.zero_()
+                        _copy_rows(target, source.to(self.dtype), batch, bucket, halves, n)
+                        cache[name].append(target)
+        if cross_src is not None and self.shape == "static":
+            valid = self._buffers["cross_valid"]
+            valid.zero_()
+            valid[..., :cross_src.shape[1]] = True
+        return cache
+
+    # --- the step --------------------------------------------------------------------------------
+    def _stepper(self, batch: int, bucket: int, cfg: bool, sampler: Sampler, cache: dict):
+        """A function ``(tokens [B, K] int64, pos: int) -> next tokens [B, K, 1]``."""
+        guidance = sampler.cfg_coef if cfg else None
+        if self.shape == "exact":
+            def exact(tokens, pos):
+                logits = self._forward(tokens, pos, cache, guidance, batch, kv_len=None)
+                return sample_next(logits, sampler)
+            return exact
+        buffers = self._buffers
+        static_tokens = buffers["tokens"][:bucket]
+        static_pos = buffers["pos"]
+        static_out = buffers["out"][:bucket]
+        static_noise = buffers["noise"][:bucket]
+        draws = sampler.use_sampling and sampler.temp > 0.0
+
+        def padded(tokens) -> None:
+            static_tokens[:batch].copy_(tokens)
+            if bucket > batch:
+                static_tokens[batch:].copy_(tokens[:1].expand(bucket - batch, -1))
+            if draws:  # the real rows' draws only: padding does not shift the generator
+                static_noise[:batch].exponential_(1)
+
+        if not self.graphs:
+            def static(tokens, pos):
+                padded(tokens)
+                static_pos.fill_(pos)
+                kv_len = self._kv_len(pos)
+                logits = self._forward(static_tokens, static_pos, cache, guidance, bucket,
+                                       kv_len=kv_len)
+                return sample_next(logits, sampler, static_noise)[:batch]
+            return static
+
+        def replay(tokens, pos):
+            padded(tokens)
+            static_pos.fill_(pos)
+            self._graphs[(bucket, cfg, sampler, self._kv_len(pos))].replay()
+            self.stats.graph_steps += 1
+            return static_out[:batch]
+        return replay
+
+    def _kv_len(self, pos: int) -> int:
+        return min(self.capacity, (pos // self.kv_chunk + 1) * self.kv_chunk)
+
+    def _forward(self, tokens, pos, cache: dict, cfg: float | None, rows: int,
+                 kv_len: int | None):
+        """One transformer step. ``tokens`` ``[rows, K]``; ``pos`` an int (exact) or a 0-d int64
+        tensor (static); ``cfg`` the guidance coefficient (None: no guidance rows); returns guided
+        logits ``[rows, K, card]``.
+
+        The arithmetic follows audiocraft's modules op for op (embeddings summed, sin positional
+        embedding, pre-norm layers with scaled-dot-product attention, output norm, one linear per
+        codebook, ``uncond + (cond - uncond) * cfg_coef``), reusing the layers' own norm,
+        feed-forward and layer-scale modules.
+        """
+        torch = self._torch
+        F = torch.nn.functional
+        from audiocraft.modules.transformer import create_sin_embedding
+
+        lm = self.lm
+        K = lm.num_codebooks
+        x = sum([lm.emb[k](tokens[:, k]) for k in range(K)])[:, None, :]  # [rows, 1, dim]
+        if cfg is not None:
+            x = torch.cat([x, x], dim=0)
+        transformer = lm.transformer
+        if isinstance(pos, int):
+            positions = torch.full((1, 1, 1), pos, dtype=torch.long, device=x.device)
+        else:
+            positions = pos.view(1, 1, 1)
+        pos_emb = create_sin_embedding(positions, x.shape[-1], max_period=transformer.max_period,
+                                       dtype=x.dtype)
+        x = x + transformer.positional_scale * pos_emb
+        heads = self._heads
+        if kv_len is not None:
+            self_mask = (torch.arange(kv_len, device=x.device) <= pos).view(1, 1, 1, kv_len)
+            cross_mask = self._buffers["cross_valid"]
+        for i, layer in enumerate(transformer.layers):
+            sa = layer.self_attn
+            h = layer.norm1(x)
+            projected = F.linear(h, sa.in_proj_weight, sa.in_proj_bias)
+            packed = projected.view(x.shape[0], 1, 3, heads, -1).permute(0, 3, 2, 1, 4)
+            q, k, v = torch.unbind(packed, dim=2)  # [rows, heads, 1, head_dim]
+            keys, values = cache["keys"][i], cache["values"][i]
+            if kv_len is None:
+                keys[:, :, pos:pos + 1] = k
+                values[:, :, pos:pos + 1] = v
+                a = F.scaled_dot_product_attention(q, keys[:, :, :pos + 1], values[:, :, :pos + 1],
+                                                   dropout_p=0.0)
+            else:
+                keys.index_copy_(2, pos.view(1), k)
+                values.index_copy_(2, pos.view(1), v)
+                a = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len],
+                                                   attn_mask=self_mask, dropout_p=0.0)
+            a = a.to(x.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
+            x = x + layer.layer_scale_1(sa.out_proj(a))
+            if self._cross:
+                ca = layer.cross_attention
+                h = layer.norm_cross(x)
+                dim = ca.in_proj_weight.shape[0] // 3
+                bias = ca.in_proj_bias
+                q = F.linear(h, ca.in_proj_weight[:dim], None if bias is None else bias[:dim])
+                q = q.view(x.shape[0], 1, heads, -1).permute(0, 2, 1, 3)
+                ck, cv = cache["cross_keys"][i], cache["cross_values"][i]
+                if kv_len is None:
+                    a = F.scaled_dot_product_attention(q, ck, cv, dropout_p=0.0)
+                else:
+                    a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cross_mask, dropout_p=0.0)
+                a = a.to(x.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
+                x = x + layer.layer_scale_cross(ca.out_proj(a))
+            x = x + layer.layer_scale_2(layer._ff_block(layer.norm2(x)))
+        if lm.out_norm:
+            x = lm.out_norm(x)
+        logits = torch.stack([lm.linears[k](x) for k in range(K)], dim=1)[:, :, 0]  # [r, K, card]
+        if cfg is not None:
+            cond, uncond = logits.split(rows, dim=0)
+            logits = uncond + (cond - uncond) * cfg
+        return logits
+
+    # --- CUDA graphs -----------------------------------------------------------------------------
+    def capture(self, bucket: int, cfg: bool, sampler: Sampler, cache: dict | None = None) -> float:
+        """Capture the step of ``bucket`` for every attended length (CUDA only). Returns seconds.
+
+        A captured step draws no random numbers (its Exp(1) draws are made before each replay,
+        see ``sample_next``), so capturing never changes what a seeded generation draws.
+        """
+        torch = self._torch
+        if cache is None:
+            buffers = self._static_buffers()
+            halves = 2 if cfg else 1
+            layers = len(self.lm.transformer.layers)
+            cache = {name: [buffers[name][i, :halves * bucket] for i in range(layers)]
+                     for name in ("keys", "values")}
+            cache["cross_keys"] = ([buffers["cross_keys"][i, :halves * bucket] for i in range(layers)]
+                                   if self._cross else [])
+            cache["cross_values"] = ([buffers["cross_values"][i, :halves * bucket]
+                                      for i in range(layers)] if self._cross else [])
+        started = time.perf_counter()
+        missing = [kv_len for kv_len in range(self.kv_chunk, self.capacity + 1, self.kv_chunk)
+                   if (bucket, cfg, sampler, kv_len) not in self._graphs]
+        if not missing:
+            return 0.0
+        buffers = self._buffers
+        static_tokens = buffers["tokens"][:bucket]
+        static_pos = buffers["pos"]
+        static_out = buffers["out"][:bucket]
+        static_noise = buffers["noise"][:bucket]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        saved_pos = static_pos.clone()
+
+        guidance = sampler.cfg_coef if cfg else None
+
+        def step(kv_len):
+            logits = self._forward(static_tokens, static_pos, cache, guidance, bucket, kv_len=kv_len)
+            static_out.copy_(sample_next(logits, sampler, static_noise))
+
+        with torch.inference_mode(), torch.autocast(device_type="cuda", enabled=False):
+            for kv_len in missing:
+                static_pos.fill_(kv_len - 1)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces)
+                        step(kv_len)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    step(kv_len)
+                self._graphs[(bucket, cfg, sampler, kv_len)] = graph
+        torch.cuda.synchronize(self.device)
+        static_pos.copy_(saved_pos)
+        seconds = time.perf_counter() - started
+        self.stats.graphs = len(self._graphs)
+        self.stats.capture_seconds += seconds
+        return seconds
+
+
+def _copy_rows(target, source, batch: int, bucket: int, halves: int, length: int) -> None:
+    """Copy ``source`` rows ``[half * batch + b]`` into ``target`` rows ``[half * bucket + b]``
+    (first ``length`` positions of dim 2); padded rows get a copy of their half's first row."""
+    for half in range(halves):
+        src = source[half * batch:(half + 1) * batch, :, :length]
+        dst = target[half * bucket:(half + 1) * bucket, :, :length]
+        dst[:batch].copy_(src)
+        if bucket > batch:
+            dst[batch:].copy_(src[:1].expand(bucket - batch, -1, -1, -1))
+
+
+def _project_cross(attention, source, heads: int):
+    """The cross-attention keys/values of ``source`` ``[rows, tokens, dim]`` as audiocraft
+    projects them: ``[rows, heads, tokens, head_dim]`` each."""
+    import torch
+
+    F = torch.nn.functional
+    dim = attention.in_proj_weight.shape[0] // 3
+    bias = attention.in_proj_bias
+    weight = attention.in_proj_weight
+    source = source.to(weight.dtype)
+    k = F.linear(source, weight[dim: 2 * dim], None if bias is None else bias[dim: 2 * dim])
+    v = F.linear(source, weight[2 * dim:], None if bias is None else bias[2 * dim:])
+    rows, tokens = source.shape[:2]
+    return [x.view(rows, tokens, heads, -1).permute(0, 2, 1, 3) for x in (k, v)]
