@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 import threading
 import types
@@ -127,6 +128,30 @@ def _load_musicgen(source: str, device: str):
 
 
 ATTENTION_BACKENDS = ("torch", "xformers")
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_mode(mode: str, device: str) -> str:
+    """ENGINE_MODE "auto": CUDA-graph decoding on CUDA, audiocraft's eager generate on CPU (where
+    the host is not the bottleneck: bench/decoding measures both). Other values pass through."""
+    from stems.decoding import ENGINE_MODES
+
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"engine mode must be one of {ENGINE_MODES}")
+    if mode == "auto":
+        return "graph" if device.startswith("cuda") else "eager"
+    return mode
+
+
+def resolve_precision(precision: str, device: str, mode: str) -> str:
+    """ENGINE_PRECISION "auto": float16 language-model weights on CUDA for the static and graph
+    modes (audiocraft runs MusicGen under float16 autocast on CUDA, so the weights it casts at every
+    op are held in that type instead), float32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision == "auto":
+        return "float16" if device.startswith("cuda") and mode in ("static", "graph") else "float32"
+    return precision
 
 #: Time steps a self-attention key/value buffer grows by when full (256 ≈ 5 s at 50 Hz): few
 #: re-allocations per clip, at most this many unused steps held per layer.
@@ -265,15 +290,26 @@ class StemEngine:
             re-concatenating the past at every step (see ``install_streaming_caches``).
         cross_attention_cache: project the text conditioning once per generation instead of at
             every step.
+        mode: how tokens are decoded (stems.decoding): "eager" (audiocraft's generate, the
+            reference), "exact" (static-cache step, unpadded: bitwise the same tokens as eager),
+            "static" (bucket-padded, fixed-shape step), "graph" (the static step replayed as CUDA
+            graphs; CUDA only), "auto" (see ``resolve_mode``).
+        precision: language-model weights' dtype; "auto" see ``resolve_precision``. Under
+            "float16"/"bfloat16" the static step runs without autocast.
+        buckets: batch-size buckets of the static and graph modes.
+        capacity_seconds: longest window a static cache holds (default: the model's window).
 
     Raises:
         ModelLoadError: when audiocraft cannot load the model.
-        ValueError: for an unknown attention backend or a non-positive thread count.
+        ValueError: for an unknown attention backend, mode or precision, graphs without CUDA, or
+            a non-positive thread count.
     """
 
     def __init__(self, model: str, device: str = "auto", *, num_threads: int | None = None,
                  attention_backend: str = "torch", kv_buffer: bool = True,
-                 cross_attention_cache: bool = True):
+                 cross_attention_cache: bool = True, mode: str = "auto",
+                 precision: str = "auto", buckets: tuple[int, ...] | None = None,
+                 capacity_seconds: float | None = None):
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
         if num_threads is not None and num_threads < 1:
@@ -285,18 +321,43 @@ class StemEngine:
 
         self.model_name = model
         self.device = resolve_device(device)
+        self.mode = resolve_mode(mode, self.device)
+        self.precision = resolve_precision(precision, self.device, self.mode)
+        if self.mode == "graph" and not self.device.startswith("cuda"):
+            raise ValueError("ENGINE_MODE=graph needs a CUDA device")
         set_efficient_attention_backend(attention_backend)
         try:
             self._model = _load_musicgen(_model_source(model), self.device)
         except Exception as exc:  # audiocraft raises assorted types (OSError, KeyError, HF errors)
             raise ModelLoadError(f"cannot load MusicGen model {model!r}: {exc}") from exc
         self._num_threads = num_threads
+        lm = self._model.lm
+        if self.precision != "float32":
+            # The conditioners (T5 overflows in float16) keep float32; audiocraft's autocast
+            # casts their output for the prefill, the static step casts it itself.
+            lm.to(getattr(torch, self.precision))
+            lm.condition_provider.float()
+        install_streaming_caches(lm, kv_buffer=kv_buffer, cross_attention_cache=cross_attention_cache)
+        #: The static decoder (None in eager mode): stats, capture, cache size.
+        self.decoder = None
+        #: Seconds spent capturing CUDA graphs at warm-up.
+        self.capture_seconds = 0.0
+        if self.mode != "eager":
+            from stems.decoding import DEFAULT_BUCKETS, StaticDecoder
+
+            window = capacity_seconds or float(self._model.max_duration)
+            prefix = window if lm.fuser.fuse2cond.get("prepend") else 0.0  # melody chromagram
+            self.decoder = StaticDecoder(
+                lm, shape="exact" if self.mode == "exact" else "static",
+                graphs=self.mode == "graph", buckets=tuple(buckets or DEFAULT_BUCKETS),
+                capacity_steps=int((window + prefix) * self._model.frame_rate) + lm.num_codebooks + 1,
+            ).install()
         #: What this engine runs with (reported by the bench and health checks).
         self.settings = {"num_threads": num_threads or torch.get_num_threads(),
                          "attention_backend": attention_backend, "kv_buffer": kv_buffer,
-                         "cross_attention_cache": cross_attention_cache}
-        install_streaming_caches(self._model.lm, kv_buffer=kv_buffer,
-                                 cross_attention_cache=cross_attention_cache)
+                         "cross_attention_cache": cross_attention_cache, "mode": self.mode,
+                         "precision": self.precision,
+                         "static_fallback": self.decoder.unsupported if self.decoder else None}
         self._torch = torch
         # MusicGen keeps generation params and the progress callback on the model object.
         self._lock = threading.Lock()
@@ -380,6 +441,9 @@ class StemEngine:
                 torch.set_num_threads(self._num_threads)
             if seed is not None:
                 torch.manual_seed(seed)
+                # a melody conditioner separates its audio with demucs.apply_model, whose random
+                # time shift comes from Python's random module
+                random.seed(seed)
             try:
                 with torch.inference_mode():
                     wav = self._call_model(list(prompts), conditioning, progress is not None)
@@ -404,7 +468,28 @@ class StemEngine:
         return model.generate_continuation(batch, conditioning.sample_rate, prompts,
                                            progress=progress)
 
-    def warm_up(self, batch_size: int = 1, duration_seconds: float = 0.5) -> None:
+    def warm_up(self, batch_size: int = 1, duration_seconds: float = 0.5,
+                sampling: SamplingParams = SamplingParams()) -> float:
         """Run one short generation so first-request latency excludes lazy initialisation
-        (allocator pools, oneDNN/cuBLAS kernel selection for this batch size)."""
-        self.generate(["warm up"] * batch_size, duration_seconds)
+        (allocator pools, oneDNN/cuBLAS kernel selection for this batch size). In graph mode,
+        first capture the decoding step of every bucket up to ``batch_size`` for ``sampling``.
+
+        Returns:
+            seconds spent capturing CUDA graphs (0 outside graph mode).
+        """
+        captured = 0.0
+        if self.mode == "graph" and self.decoder.unsupported is None:
+            from stems.decoding import Sampler
+
+            sampler = Sampler(True, sampling.temperature, sampling.top_k, sampling.top_p,
+                              sampling.cfg_coef)
+            from stems.decoding import bucket_for
+
+            largest = bucket_for(batch_size, self.decoder.buckets) or self.decoder.buckets[-1]
+            with self._lock, self._torch.inference_mode():
+                for bucket in self.decoder.buckets:
+                    if bucket <= largest:
+                        captured += self.decoder.capture(bucket, True, sampler)
+        self.generate(["warm up"] * batch_size, duration_seconds, sampling=sampling)
+        self.capture_seconds += captured
+        return captured
