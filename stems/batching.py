@@ -11,6 +11,18 @@ NVIDIA Triton's dynamic batcher or TorchServe's batch_size/max_batch_delay).
 Requests share a call when they have the same sampling parameters, the same seed, the same audio
 conditioning (if any) and the same duration bucket (durations rounded up to ``bucket_seconds``;
 the batch generates the longest and each clip is cut to its own length).
+
+Policy of a round (measured by ``python -m bench.batching``):
+
+1. the first request opens a round and waits at most ``window_seconds`` for company; the wait
+   ends early once one compatible group fills ``max_batch`` (the largest batch bucket of the
+   engine's static decoder, so a full bucket never waits);
+2. everything queued by then joins the round (up to ``round_limit`` requests), without more waiting;
+3. groups of compatible requests are cut into calls of at most ``max_batch`` clips;
+4. calls run shortest duration first (``order="shortest"``; ``"arrival"`` runs them in arrival
+   order): a 5 s stem queued beside 30 s stems is not held behind them. A long call still runs
+   within the round it was collected in, so a stream of short requests cannot starve it; requests
+   arriving during a round wait for the next one.
 """
 
 from __future__ import annotations
@@ -61,16 +73,22 @@ class StemBatcher:
         max_batch: most clips per model call.
         window_seconds: how long the first request of a batch waits for company.
         bucket_seconds: duration granularity of a batch (see module doc).
+        order: "shortest" (shortest calls of a round first) or "arrival" (see module doc).
+        round_limit: most requests one round takes (default 4 × max_batch).
     """
 
     def __init__(self, engine: StemEngine, *, max_batch: int = 4, window_seconds: float = 0.05,
-                 bucket_seconds: float = 1.0):
+                 bucket_seconds: float = 1.0, order: str = "shortest", round_limit: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if order not in ("shortest", "arrival"):
+            raise ValueError("order must be 'shortest' or 'arrival'")
         self.engine = engine
         self.max_batch = max_batch
         self.window_seconds = window_seconds
         self.bucket_seconds = bucket_seconds
+        self.order = order
+        self.round_limit = round_limit or 4 * max_batch
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
         self._calls = self._clips = self._largest = 0
         self._sizes: "collections.deque[int]" = collections.deque(maxlen=64)
@@ -114,26 +132,38 @@ class StemBatcher:
     def _collect(self) -> list[_Pending]:
         first = self._queue.get()
         items = [first]
+        sizes = collections.Counter([self._key(first)])
         deadline = time.monotonic() + self.window_seconds
-        while len(items) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        while len(items) < self.round_limit:
+            if max(sizes.values()) >= self.max_batch:  # a full batch: stop waiting, take what is queued
+                remaining = 0.0
+            else:
+                remaining = deadline - time.monotonic()
             try:
-                items.append(self._queue.get(timeout=remaining))
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            items.append(item)
+            sizes[self._key(item)] += 1
         return items
+
+    def plan_round(self, items: list[_Pending]) -> list[list[_Pending]]:
+        """The calls of a round: compatible requests grouped, cut to ``max_batch``, ordered by
+        ``order`` (see module doc)."""
+        groups: dict[tuple, list[_Pending]] = {}
+        for item in items:
+            groups.setdefault(self._key(item), []).append(item)
+        calls = [group[i:i + self.max_batch] for group in groups.values()
+                 for i in range(0, len(group), self.max_batch)]
+        if self.order == "shortest":
+            calls.sort(key=lambda call: max(item.duration_seconds for item in call))  # stable
+        return calls
 
     def _loop(self) -> None:
         try:
             while True:
-                items = self._collect()
-                groups: dict[tuple, list[_Pending]] = {}
-                for item in items:
-                    groups.setdefault(self._key(item), []).append(item)
-                for group in groups.values():
-                    self._run(group)
+                for call in self.plan_round(self._collect()):
+                    self._run(call)
         finally:  # only a BaseException (interpreter exit) ends the loop: nobody waits forever
             self._fail_queued(RuntimeError("the stem batcher's generation thread has stopped"))
 

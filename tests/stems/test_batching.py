@@ -113,3 +113,42 @@ def test_only_equal_conditioning_shares_a_call(engine):
     assert errors == [None] * 4
     assert all(r.shape == (1, 32000) for r in results)
     assert sorted(batcher.stats().recent_sizes) == [1, 1, 2]
+
+
+def test_a_round_runs_short_calls_first_and_cuts_groups_to_max_batch(engine):
+    from stems.batching import _Pending
+
+    batcher = StemBatcher(engine, max_batch=2, window_seconds=0.0)
+    items = [_Pending(f"long {i}", 20.0, SamplingParams(), None, None) for i in range(3)]
+    items += [_Pending(f"short {i}", 2.0, SamplingParams(), None, None) for i in range(2)]
+    calls = batcher.plan_round(items)
+    assert [[item.prompt for item in call] for call in calls] == [
+        ["short 0", "short 1"], ["long 0", "long 1"], ["long 2"]]
+    fifo = StemBatcher(engine, max_batch=2, window_seconds=0.0, order="arrival").plan_round(items)
+    assert [call[0].prompt for call in fifo] == ["long 0", "long 2", "short 0"]
+
+
+def test_short_stems_are_not_held_behind_long_ones(engine):
+    batcher = StemBatcher(engine, max_batch=4, window_seconds=0.5)
+    done = {}
+
+    def finished(name):
+        def record(fraction):
+            if fraction >= 1.0:
+                done.setdefault(name, len(done))
+        return record
+
+    call_concurrently(batcher, [{"prompt": "long", "duration_seconds": 4.0, "progress": finished("long")},
+                                {"prompt": "short", "duration_seconds": 0.5, "progress": finished("short")}])
+    assert done == {"short": 0, "long": 1}
+    assert batcher.stats().calls == 2
+
+
+def test_a_full_batch_does_not_wait_out_the_window(engine):
+    import time
+
+    batcher = StemBatcher(engine, max_batch=2, window_seconds=30.0)
+    started = time.monotonic()
+    results, errors = call_concurrently(batcher, [{"prompt": p, "duration_seconds": 0.2} for p in "ab"])
+    assert errors == [None, None] and time.monotonic() - started < 20
+    assert batcher.stats().largest_batch == 2
