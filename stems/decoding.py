@@ -89,6 +89,12 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int | None:
     return None
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The buckets for a batcher of ``max_batch`` clips: the default buckets below it and
+    ``max_batch`` itself."""
+    return tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Sampling settings a captured step bakes in (audiocraft's generate arguments)."""
@@ -132,7 +138,9 @@ def sample_next(logits, sampler: Sampler, noise=None):
         return torch.gather(probs_idx, -1, _exponential_race(probs_sort, noise))
     if sampler.top_k > 0:
         top_k_value, _ = torch.topk(probs, sampler.top_k, dim=-1)
-        probs *= (probs >= top_k_value[..., [-1]]).float()
+        # a slice, not audiocraft's [..., [-1]]: a list index is a host-to-device copy,
+        # which a CUDA graph cannot capture (same values)
+        probs *= (probs >= top_k_value[..., -1:]).float()
         probs.div_(probs.sum(dim=-1, keepdim=True))
     return _exponential_race(probs, noise)
 

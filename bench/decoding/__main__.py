@@ -1,0 +1,160 @@
+"""Decoding speed per engine mode: ms per step, audio-s/s per batch size, token agreement.
+
+    python -m bench.decoding                        # musicgen-small architecture, this device
+    python -m bench.decoding --device cuda --model medium --batches 1,3,24
+    python -m bench.decoding --quick                # tiny model, 1 s, batches 1 and 3 (CI smoke)
+
+Every mode loads the same random-weight checkpoint (bench.throughput.measure.checkpoint_dir), is
+warmed up (on CUDA in graph mode: the CUDA-graph capture of every bucket up to the largest batch,
+timed and printed) and then generates ``--duration`` seconds per row at each batch size, seeded.
+Per mode and batch it prints:
+
+- ms per decoding step: the time between the first and the last progress report of the call
+  divided by the steps between them (decode loop only: no prefill, no EnCodec decode);
+- audio-s/s: seconds of audio per wall second of the whole call (``StemEngine.generate``);
+- the call's wall time (for batch 3: the model time of one 3-stem request);
+- peak memory: CUDA ``max_memory_allocated`` on CUDA, the process's peak RSS on CPU;
+- token agreement with eager on a fixed prompt set (same seed, ``MusicGen.generate(...,
+  return_tokens=True)``) and, where the precision differs from eager's, the mean log-likelihood
+  of eager's tokens under both models (teacher-forced, ``LMModel.compute_predictions``).
+
+On CUDA also: CUDA kernels per step and the GPU's busy share of a step (torch.profiler over a
+short batch-1 generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+
+PROMPTS = ["funky electric guitar riff, clean tone", "deep electric bass line, tight groove",
+           "acoustic drum kit, steady rock beat", "warm electric piano chords"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.decoding", description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("tiny", "small", "medium"), default="small")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per row (10)")
+    p.add_argument("--batches", default="1,3,24,64", help="batch sizes (1,3,24,64)")
+    p.add_argument("--modes", default=None,
+                   help="engine modes (default: eager,exact,static on CPU; eager,static,graph on CUDA)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 s, batches 1,3")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.duration, args.batches = "tiny", 1.0, "1,3"
+    return args
+
+
+def _peak_memory(torch, device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def _timed(engine, rows: int, duration: float, seed: int = 0):
+    """(wall seconds, ms per decode step) of one seeded call of ``rows`` rows."""
+    stamps = []
+    prompts = (PROMPTS * (rows // len(PROMPTS) + 1))[:rows]
+    engine._torch.cuda.synchronize() if engine.device.startswith("cuda") else None
+    started = time.perf_counter()
+    engine.generate(prompts, duration, seed=seed, progress=lambda f: stamps.append((time.perf_counter(), f)))
+    wall = time.perf_counter() - started
+    steps = (stamps[-2][1] - stamps[0][1]) * duration * 50 if len(stamps) > 2 else 0
+    per_step = (stamps[-2][0] - stamps[0][0]) / steps * 1000 if steps else float("nan")
+    return wall, per_step
+
+
+def _tokens(engine, duration: float, seed: int = 0):
+    torch = engine._torch
+    model = engine._model
+    model.set_generation_params(duration=duration)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        _, tokens = model.generate(PROMPTS, return_tokens=True)
+    return tokens
+
+
+def _log_likelihood(engine, tokens) -> float:
+    """Mean log-probability of ``tokens`` ``[B, K, T]`` under the engine's language model."""
+    torch = engine._torch
+    model = engine._model
+    attributes, _ = model._prepare_tokens_and_attributes(PROMPTS, None)
+    with torch.inference_mode(), model.autocast:
+        out = model.lm.compute_predictions(tokens, attributes)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    picked = logp.gather(-1, tokens.clamp(min=0)[..., None])[..., 0]
+    return float(picked[out.mask].mean())
+
+
+def _profile_step(engine, torch) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 20
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        engine.generate(PROMPTS[:1], steps / 50, seed=0)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels) / 1e6  # microseconds -> seconds
+    return (f"{len(kernels) / steps:.0f} CUDA kernels per step, GPU busy {100 * busy / wall:.1f}% "
+            f"of the call ({steps} steps incl. prefill and EnCodec decode)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    from bench.throughput.measure import checkpoint_dir
+    from stems.decoding import batch_buckets
+    from stems.engine import StemEngine, resolve_device
+
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = (args.modes.split(",") if args.modes
+             else ["eager", "static", "graph"] if cuda else ["eager", "exact", "static"])
+    source = "tiny" if args.model == "tiny" else str(checkpoint_dir(args.model))
+    print(f"bench.decoding: musicgen-{args.model} architecture (random weights) on {device}, "
+          f"torch {torch.__version__}, {args.duration:g} s per row, batches {batches}")
+    reference_tokens = reference = None
+    for mode in modes:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        engine = StemEngine(source, device=device, mode=mode, buckets=batch_buckets(max(batches)))
+        loaded = time.perf_counter() - started
+        captured = engine.warm_up(batch_size=max(batches) if mode == "graph" else 1)
+        print(f"\n[{mode}] precision {engine.precision}, load {loaded:.1f} s, CUDA graph capture "
+              f"{captured:.1f} s ({engine.decoder.stats.graphs if engine.decoder else 0} graphs)")
+        for rows in batches:
+            wall, per_step = _timed(engine, rows, args.duration)
+            print(f"  batch {rows:>3}: {per_step:8.2f} ms/step  {rows * args.duration / wall:8.2f} audio-s/s"
+                  f"  call {wall:7.2f} s")
+        print(f"  peak memory {_peak_memory(torch, device)}")
+        if cuda:
+            print(f"  {_profile_step(engine, torch)}")
+        tokens = _tokens(engine, min(args.duration, 5.0))
+        if reference_tokens is None:
+            reference_tokens, reference = tokens, engine
+        else:
+            agreement = float((tokens == reference_tokens).float().mean())
+            line = f"  token agreement with {modes[0]}: {100 * agreement:.2f}% ({tokens.numel()} tokens)"
+            if engine.precision != reference.precision:
+                ours, theirs = _log_likelihood(engine, reference_tokens), _log_likelihood(reference, reference_tokens)
+                line += (f"; log-likelihood of {modes[0]}'s tokens {ours:.4f} ({engine.precision}) vs "
+                         f"{theirs:.4f} ({reference.precision}), gap {ours - theirs:+.4f}")
+            print(line)
+        if engine is not reference:
+            del engine
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
