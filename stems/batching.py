@@ -51,7 +51,20 @@ class _Pending:
     seed: int | None
     progress: ProgressCallback | None
     conditioning: AudioConditioning | None = None
+    cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
+
+    def cancelled(self) -> bool:
+        """True once the caller asked to stop; its future then fails with GenerationCancelled."""
+        if self.cancel is None or not self.cancel.is_set():
+            return False
+        if not self.future.done():
+            self.future.set_exception(GenerationCancelled("the stem was cancelled"))
+        return True
+
+
+class GenerationCancelled(Exception):
+    """The caller's ``cancel`` event was set before its clip was done."""
 
 
 @dataclass(frozen=True)
@@ -99,24 +112,32 @@ class StemBatcher:
     def generate(self, prompt: str, duration_seconds: float, *,
                  sampling: SamplingParams = SamplingParams(), seed: int | None = None,
                  progress: ProgressCallback | None = None, timeout: float | None = None,
-                 conditioning: AudioConditioning | None = None) -> np.ndarray:
+                 conditioning: AudioConditioning | None = None,
+                 cancel: threading.Event | None = None) -> np.ndarray:
         """Generate one clip, batched with whatever compatible requests arrive meanwhile.
 
         ``conditioning`` (see stems.engine.AudioConditioning) is batched only with requests that
         carry the same conditioning (same kind and fingerprint).
+
+        ``cancel``: once set, the call returns (raises GenerationCancelled) at the batch's next
+        decoding step; a queued request never starts. The other rows of its batch go on
+        unchanged (the cancelled row's arithmetic is still done, so theirs is bit-identical),
+        and a batch whose rows are all cancelled stops.
 
         Returns:
             float32 ``[channels, samples]``, ``round(duration_seconds * sample_rate)`` samples.
 
         Raises:
             stems.engine.GenerationError (or ValueError) as StemEngine.generate would, for every
-            clip of the failed batch; concurrent.futures.TimeoutError after ``timeout`` seconds.
+            clip of the failed batch; concurrent.futures.TimeoutError after ``timeout`` seconds;
+            GenerationCancelled once ``cancel`` is set.
         """
         if duration_seconds <= 0:
             raise ValueError("duration_seconds must be > 0")
         if not self._thread.is_alive():
             raise RuntimeError("the stem batcher's generation thread has stopped")
-        pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress, conditioning)
+        pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress, conditioning,
+                           cancel)
         self._queue.put(pending)
         return pending.future.result(timeout)
 
@@ -177,29 +198,36 @@ class StemBatcher:
                 item.future.set_exception(exc)
 
     def _run(self, group: list[_Pending]) -> None:
-        group = [item for item in group if item.future.set_running_or_notify_cancel()]
+        group = [item for item in group
+                 if not item.cancelled() and item.future.set_running_or_notify_cancel()]
         if not group:
             return
         duration = max(item.duration_seconds for item in group)
-        callbacks = [item.progress for item in group if item.progress is not None]
+        cancellable = any(item.cancel is not None for item in group)
+        reports = any(item.progress is not None for item in group)
 
         def fan_out(fraction: float) -> None:
             # Runs inside the decoding loop: hand over, never wait on the callers' sinks (the
             # worker's writes to Redis) here.
-            for callback in callbacks:
-                self._progress.post(callback, fraction)
+            live = [item for item in group if not item.cancelled()]
+            if not live:
+                raise GenerationCancelled("every row of the batch was cancelled")
+            for item in live:
+                if item.progress is not None:
+                    self._progress.post(item.progress, fraction)
 
         try:
             try:
                 audio = self.engine.generate([item.prompt for item in group], duration,
                                              sampling=group[0].sampling, seed=group[0].seed,
-                                             progress=fan_out if callbacks else None,
+                                             progress=fan_out if reports or cancellable else None,
                                              conditioning=group[0].conditioning)
             finally:
                 self._progress.flush()  # a caller's last progress precedes its result
         except BaseException as exc:  # every waiting caller gets the failure
             for item in group:
-                item.future.set_exception(exc)
+                if not item.future.done():
+                    item.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -209,7 +237,8 @@ class StemBatcher:
         self._sizes.append(len(group))
         rate = self.engine.sample_rate
         for item, clip in zip(group, audio):
-            item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])
+            if not item.future.done():  # not cancelled meanwhile
+                item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])
 
 
 class _ProgressRelay:

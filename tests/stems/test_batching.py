@@ -152,3 +152,47 @@ def test_a_full_batch_does_not_wait_out_the_window(engine):
     results, errors = call_concurrently(batcher, [{"prompt": p, "duration_seconds": 0.2} for p in "ab"])
     assert errors == [None, None] and time.monotonic() - started < 20
     assert batcher.stats().largest_batch == 2
+
+
+def test_cancelling_a_row_leaves_its_batch_mates_bit_identical(engine):
+    from stems.batching import GenerationCancelled
+
+    batcher = StemBatcher(engine, max_batch=4, window_seconds=0.5)
+    requests = [{"prompt": p, "duration_seconds": 2.0, "seed": 21} for p in ("keep", "drop")]
+    reference, errors = call_concurrently(batcher, requests)
+    assert errors == [None, None]
+
+    cancel = threading.Event()
+
+    def cancel_at_a_third(fraction):
+        if fraction >= 0.3:
+            cancel.set()
+
+    requests[1] = dict(requests[1], cancel=cancel, progress=cancel_at_a_third)
+    results, errors = call_concurrently(batcher, requests)
+    assert errors[0] is None and isinstance(errors[1], GenerationCancelled)
+    assert np.array_equal(results[0], reference[0])
+    assert batcher.stats().calls == 2  # one batch each time: the cancelled row stayed in it
+
+
+def test_a_batch_whose_rows_are_all_cancelled_stops(engine):
+    from stems.batching import GenerationCancelled
+
+    batcher = StemBatcher(engine, max_batch=4, window_seconds=0.0)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction):
+        seen.append(fraction)
+        if fraction >= 0.1:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled):
+        batcher.generate("x", 20.0, cancel=cancel, progress=progress)
+    assert max(seen) < 0.5  # stopped long before the end
+    queued = threading.Event()
+    queued.set()
+    with pytest.raises(GenerationCancelled):  # cancelled while queued: never starts
+        batcher.generate("y", 1.0, cancel=queued)
+    assert batcher.stats().calls == 0
+    assert batcher.generate("z", 0.2).shape == (1, 6400)  # the batcher goes on
