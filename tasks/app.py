@@ -10,6 +10,8 @@ from celery import Celery
 from kombu import Queue
 
 from stemgen_settings import Settings, load_settings
+from tasks.redis_connection import celery_url
+
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings for long, expensive, idempotent tasks.
@@ -30,10 +32,24 @@ def celery_config(settings: Settings) -> dict:
       connection errors, so a broker or Redis restart pauses work instead of failing it.
     - a threads pool: concurrent stem tasks of one worker share the loaded model and are batched into
       one MusicGen call (tasks.model_cache.get_batcher); prefetch is then ``worker_concurrency``.
+    - ``sentinel://host:port[,host:port]/db?master=NAME`` URLs (tasks.redis_connection) become
+      kombu's and Celery's own form (``sentinel://h1:p/db;sentinel://h2:p/db``) plus
+      ``master_name`` in the transport options; stemgen's ``wait_replicas``/``wait_timeout_ms``
+      options are the job store's and are dropped here.
+
+    Raises:
+        tasks.redis_connection.RedisURLError: a Redis URL of the settings cannot be used.
     """
+    broker_url, broker_sentinel = celery_url(settings.broker_url)
+    result_backend, result_sentinel = celery_url(settings.result_backend)
     return {
-        "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        "broker_url": broker_url,
+        # The celery command copies BROKER_URL from the environment into CELERY_BROKER_URL, which
+        # Celery prefers over broker_url; the read/write URLs win over it, so the translated
+        # sentinel:// form is the one used (see create_celery for the result backend).
+        "broker_read_url": broker_url,
+        "broker_write_url": broker_url,
+        "result_backend": result_backend,
         "result_expires": settings.job_ttl_seconds,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -46,10 +62,12 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_max_retries": None,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds,
                                      "unacked_restore_interval": 10,
-                                     "unacked_restore_throttle": 1},
+                                     "unacked_restore_throttle": 1,
+                                     **broker_sentinel},
         "result_backend_always_retry": True,
         "result_backend_max_retries": 20,
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds,
+                                             **result_sentinel},
         "task_default_queue": settings.callbacks_queue,
         "task_queues": (Queue(settings.stems_queue), Queue(settings.callbacks_queue)),
         "task_routes": {
@@ -68,7 +86,12 @@ def celery_config(settings: Settings) -> dict:
 def create_celery(settings: Settings) -> Celery:
     """Build a Celery app from settings; the settings object is kept as ``app.stemgen_settings``."""
     app = Celery("stemgen", include=["tasks.stem_tasks", "tasks.worker"])
-    app.config_from_object(celery_config(settings))
+    config = celery_config(settings)
+    app.config_from_object(config)
+    # The celery command also copies RESULT_BACKEND into CELERY_RESULT_BACKEND, which Celery prefers
+    # over result_backend; the app's backend_cls wins over both, so the translated URL (no
+    # sentinel host list, no wait_replicas) is the one Celery uses.
+    app.backend_cls = config["result_backend"]
     app.stemgen_settings = settings
     return app
 

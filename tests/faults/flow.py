@@ -222,3 +222,71 @@ def wait_until_generating(client, workers, job_ids, timeout=180) -> set[str]:
         time.sleep(0.3)
     logs = "\n".join(w.log()[-2000:] for w in workers)
     raise TimeoutError(f"no worker started generating:\n{logs}")
+
+
+def submit_burst(client: Client, many: list[dict], *, pace_seconds: float, fault_after: int,
+                 fault, threads: int = 8, deadline_seconds: float = 240):
+    """Submit ``many`` bodies, a new one every ``pace_seconds`` on ``threads`` threads, each retried
+    until accepted (``Client.submit``). Once ``fault_after`` were accepted, ``fault()`` runs on its
+    own thread while the submissions go on.
+
+    Returns (job id → body, job id → monotonic time of its 2xx, the job ids accepted when the fault
+    started, monotonic time the fault started)."""
+    accepted_at: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def one(body):
+        job_id = client.submit(body, deadline_seconds)
+        with lock:
+            accepted_at[job_id] = time.monotonic()
+        return job_id, body
+
+    fault_thread = None
+    before: set[str] = set()
+    started = 0.0
+    errors: list[BaseException] = []
+
+    def run_fault():
+        try:
+            fault()
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = []
+        for body in many:
+            futures.append(pool.submit(one, body))
+            time.sleep(pace_seconds)
+            if fault_thread is None and len(accepted_at) >= fault_after:
+                with lock:
+                    before = set(accepted_at)
+                started = time.monotonic()
+                fault_thread = threading.Thread(target=run_fault)
+                fault_thread.start()
+        assert fault_thread is not None, f"fewer than {fault_after} accepted before the burst ended"
+        submitted = dict(future.result() for future in futures)
+    fault_thread.join()
+    if errors:
+        raise errors[0]
+    return submitted, accepted_at, before, started
+
+
+def missing_records(client: Client, job_ids, timeout: float = 60) -> set[str]:
+    """Job ids whose GET /jobs/<id> answers 404 (the record is gone); 503s and refused connections
+    (the store still coming back) are asked again until ``timeout``."""
+    gone = set()
+    for job_id in job_ids:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = client.session.get(f"{client.base}/jobs/{job_id}", timeout=10)
+                if r.status_code in (200, 404):
+                    if r.status_code == 404:
+                        gone.add(job_id)
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"GET /jobs/{job_id} kept failing for {timeout}s")
+            time.sleep(0.5)
+    return gone
