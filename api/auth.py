@@ -6,6 +6,9 @@ presented key is compared with every configured key, each comparison constant-ti
 (``hmac.compare_digest`` over SHA-256 digests, so neither the matching key nor the key lengths show
 in the timing). Without configured keys the API is open and a warning is logged at start-up.
 
+Each job remembers which key submitted it, by the key's identifier (``key_id``: a hash of the
+key, never the key), so that ``GET /jobs`` lists a caller's own jobs.
+
 Open without a key: ``/health/live`` and ``/health/ready`` (orchestrator probes carry no secrets;
 ``/health/ready`` then answers only ok/unavailable, without error details) and ``/openapi.json``
 (the contract is public, as in docs/api.md). Everything else, unknown paths included, needs a key.
@@ -37,11 +40,29 @@ def _digest(key: str) -> bytes:
 def key_matches(presented: str, digests: list[bytes]) -> bool:
     """Whether ``presented`` is one of the keys whose SHA-256 digests are ``digests``; every digest
     is compared (no early exit), each in constant time."""
+    return matching_digest(presented, digests) is not None
+
+
+def matching_digest(presented: str, digests: list[bytes]) -> bytes | None:
+    """The digest in ``digests`` that ``presented`` matches, or None; every digest is compared (no
+    early exit), each in constant time."""
     candidate = _digest(presented)
-    matched = False
+    matched = None
     for digest in digests:
-        matched |= hmac.compare_digest(candidate, digest)
+        if hmac.compare_digest(candidate, digest):
+            matched = digest
     return matched
+
+
+def key_id(digest: bytes) -> str:
+    """The identifier stored with the jobs a key submits: 16 hex digits of a SHA-256 over the key's
+    digest, with a label of its own, so the stored value is not the digest that authenticates."""
+    return hashlib.sha256(b"stemgen job owner\0" + digest).hexdigest()[:16]
+
+
+def caller_key_id() -> str:
+    """The identifier of the key this request authenticated with ("" when the API is open)."""
+    return str(g.get("stemgen_key_id", ""))
 
 
 def presented_keys() -> list[str]:
@@ -73,7 +94,10 @@ def init_app(app: Flask, api_keys: list[str]) -> None:
         if not digests:
             g.stemgen_authenticated = True
             return None
-        g.stemgen_authenticated = any(key_matches(key, digests) for key in presented_keys())
+        matched = next((digest for digest in (matching_digest(key, digests)
+                                              for key in presented_keys()) if digest), None)
+        g.stemgen_authenticated = matched is not None
+        g.stemgen_key_id = key_id(matched) if matched is not None else ""
         if g.stemgen_authenticated or request.endpoint in OPEN_ENDPOINTS:
             return None
         raise ApiError(401, "unauthorized",

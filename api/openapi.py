@@ -5,13 +5,20 @@ from __future__ import annotations
 from pydantic.json_schema import models_json_schema
 
 from api.schemas import (
+    LIST_DEFAULT_LIMIT,
+    LIST_MAX_LIMIT,
+    REQUEST_ID_PATTERN,
     CallbackBody,
     ErrorBody,
     GenerateRequest,
     Health,
     JobAccepted,
+    JobEventData,
+    JobList,
     JobStatus,
+    StemEventData,
 )
+from tasks.jobstore import EVENT_ID
 
 _REF = "#/components/schemas/{model}"
 
@@ -22,7 +29,8 @@ def _json(ref: str, description: str) -> dict:
 
 def build_openapi(settings) -> dict:
     """OpenAPI document for the gateway; limits that come from settings are filled in."""
-    models = [GenerateRequest, JobAccepted, JobStatus, ErrorBody, Health, CallbackBody]
+    models = [GenerateRequest, JobAccepted, JobStatus, JobList, JobEventData, StemEventData,
+              ErrorBody, Health, CallbackBody]
     refs, schema = models_json_schema([(m, "validation" if m is GenerateRequest else "serialization")
                                        for m in models], ref_template=_REF)
     components = schema.get("$defs", {})
@@ -37,6 +45,8 @@ def build_openapi(settings) -> dict:
     err = lambda d: {"description": d, "content": {"application/json": {"schema": error}}}  # noqa: E731
     unauthorized = err("No valid API key (only when STEMGEN_API_KEYS is set).")
     unavailable = err("Job store unreachable; retry the same request (Retry-After).")
+    job_id = {"name": "job_id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "stemgen", "version": "0.1.0",
@@ -64,12 +74,65 @@ def build_openapi(settings) -> dict:
                         "schema": {"$ref": ref(CallbackBody)}}}},
                     "responses": {"200": {"description": "Received."}}}}}},
             }},
+            "/jobs": {"get": {
+                "operationId": "listJobs",
+                "summary": "The caller's jobs (submitted with its API key), newest first, a page "
+                           "at a time.",
+                "parameters": [
+                    {"name": "status", "in": "query", "required": False,
+                     "description": "Only jobs in this state.",
+                     "schema": {"type": "string",
+                                "enum": ["queued", "running", "completed", "failed", "partial"]}},
+                    {"name": "generation_request_id", "in": "query", "required": False,
+                     "description": "Only the job of this generation_request_id.",
+                     "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "description": "Most jobs in the page.",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": LIST_MAX_LIMIT,
+                                "default": LIST_DEFAULT_LIMIT}},
+                    {"name": "cursor", "in": "query", "required": False,
+                     "description": "next_cursor of the previous page (opaque).",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+                ],
+                "responses": {"200": _json(ref(JobList), "A page of jobs."),
+                              "422": err("A query parameter is invalid (limit out of range, "
+                                         "unknown status, a cursor not made here); "
+                                         "error.fields names it."),
+                              "401": unauthorized,
+                              "503": unavailable},
+            }},
             "/jobs/{job_id}": {"get": {
                 "operationId": "getJob",
-                "parameters": [{"name": "job_id", "in": "path", "required": True,
-                                "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"}}],
+                "parameters": [job_id],
                 "responses": {"200": _json(ref(JobStatus), "Job state."),
                               "404": err("No such job."),
+                              "401": unauthorized,
+                              "503": unavailable},
+            }},
+            "/jobs/{job_id}/events": {"get": {
+                "operationId": "jobEvents",
+                "summary": "The job's state and progress changes as Server-Sent Events, until its "
+                           "final state.",
+                "description": (
+                    "text/event-stream. Each event has an `id` (resume with Last-Event-ID), an "
+                    "`event` type and one line of JSON `data`: `job` (the job's status changed; "
+                    f"data: {ref(JobEventData)}), `stem` (a stem's status changed) and "
+                    f"`progress` (a running stem's progress moved, at most every 2 %; data of "
+                    f"both: {ref(StemEventData)}). The stream starts with the job's stored events "
+                    "(after Last-Event-ID when given), sends a comment line every "
+                    "EVENTS_HEARTBEAT_SECONDS (15) while idle, and ends after the `job` event of "
+                    "a final status (completed, partial, failed)."),
+                "parameters": [
+                    job_id,
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "description": "Resume after this event (sent by EventSource on reconnect).",
+                     "schema": {"type": "string", "pattern": EVENT_ID.pattern}},
+                ],
+                "responses": {"200": {"description": "The event stream.",
+                                      "content": {"text/event-stream": {
+                                          "schema": {"type": "string"}}}},
+                              "404": err("No such job."),
+                              "422": err("Last-Event-ID is not an event id."),
                               "401": unauthorized,
                               "503": unavailable},
             }},

@@ -1,19 +1,23 @@
-"""Blueprints: generate (POST /generate), jobs (GET /jobs/<id>), health, openapi."""
+"""Blueprints: generate (POST /generate), jobs (GET /jobs, GET /jobs/<id>,
+GET /jobs/<id>/events), health, openapi."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest
 from werkzeug.sansio.utils import get_current_url
 
-from api.auth import authenticated
+from api.auth import authenticated, caller_key_id
 from api.errors import ApiError
+from api.events import EventHub, event_stream
 from api.openapi import build_openapi
-from api.schemas import GenerateRequest, JobAccepted, JobStatus
+from api.schemas import GenerateRequest, JobAccepted, JobList, JobListQuery, JobStatus
 from tasks.callback_target import CallbackHostUnresolvable, CallbackPolicy, UnsafeCallbackURL, check_url
+from tasks.jobstore import EVENT_ID, InvalidCursor
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,26 @@ def _status_url(job_id: str) -> str:
     return f"{base.rstrip('/')}/jobs/{job_id}"
 
 
+def _check_job_id(job_id: str) -> None:
+    """404 without a look-up for an id no job can have."""
+    if len(job_id) > 64 or not job_id.isalnum() or not job_id.isascii():
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+
+
+_HUB_LOCK = threading.Lock()
+
+
+def _event_hub() -> EventHub:
+    """The app's one EventHub (per process: made on the first events request, after the fork)."""
+    hub = current_app.extensions.get("stemgen.event_hub")
+    if hub is None:
+        with _HUB_LOCK:
+            hub = current_app.extensions.get("stemgen.event_hub")
+            if hub is None:
+                hub = current_app.extensions["stemgen.event_hub"] = EventHub(_service().event_feed)
+    return hub
+
+
 @functools.lru_cache(maxsize=64)
 def _host_url(scheme: str, host: str) -> str:
     """``request.host_url`` (werkzeug's IRI-to-URI encoding of scheme and validated host), cached:
@@ -90,7 +114,10 @@ def generate():
         callback_url = settings.default_callback_url or None
     if parsed.parameters.source_audio_url:
         _check_outbound_url(str(parsed.parameters.source_audio_url), "parameters.source_audio_url")
-    submission = _service().submit(parsed.model_dump(mode="json"), callback_url)
+    service = _service()
+    # The key's identifier goes with the job (GET /jobs lists a caller's own jobs).
+    owner = {"owner": caller_key_id()} if getattr(service, "records_owner", False) else {}
+    submission = service.submit(parsed.model_dump(mode="json"), callback_url, **owner)
     body = JobAccepted(job_id=submission.job_id, generation_request_id=parsed.generation_request_id,
                        status=submission.status, status_url=_status_url(submission.job_id),
                        stems=parsed.target_stems)
@@ -100,13 +127,63 @@ def generate():
     return response
 
 
+@jobs_bp.get("/jobs")
+def list_jobs():
+    """The caller's jobs (those submitted with its API key; all jobs when the API is open),
+    newest first, a page at a time."""
+    query = JobListQuery.model_validate(request.args.to_dict())  # a repeated parameter: the first
+    try:
+        page = _service().list_jobs(caller_key_id(), status=query.status,
+                                    generation_request_id=query.generation_request_id,
+                                    limit=query.limit, cursor=query.cursor)
+    except InvalidCursor as exc:
+        raise ApiError(422, "validation_error", "invalid request: cursor",
+                       [{"field": "cursor", "message": str(exc), "type": "cursor_invalid"}])
+    jobs = []
+    for job in page.jobs:
+        status_url = _status_url(job["job_id"])
+        jobs.append({**job, "status_url": status_url, "events_url": f"{status_url}/events"})
+    return jsonify(JobList.model_validate({"jobs": jobs, "next_cursor": page.next_cursor})
+                   .model_dump(mode="json"))
+
+
 @jobs_bp.get("/jobs/<job_id>")
 def job_status(job_id: str):
     """State, per-stem progress and, once done, stem URLs."""
-    if len(job_id) > 64 or not job_id.isalnum():
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    _check_job_id(job_id)
     job = _service().get(job_id)
     return jsonify(JobStatus.model_validate(job).model_dump(mode="json"))
+
+
+@jobs_bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str):
+    """The job's state and progress changes as Server-Sent Events, until its final state
+    (api.events); ``Last-Event-ID`` resumes after that event."""
+    _check_job_id(job_id)
+    after = request.headers.get("Last-Event-ID", "").strip() or None
+    if after is not None and not EVENT_ID.match(after):
+        raise ApiError(422, "validation_error", "invalid request: Last-Event-ID",
+                       [{"field": "Last-Event-ID", "message": "not an event id of this stream "
+                         "(<milliseconds>-<sequence>)", "type": "event_id"}])
+    service = _service()
+    hub = _event_hub()
+    with hub.setup_slots:  # a reconnect storm must not take the Redis pool (api.events)
+        job = service.get(job_id)  # 404, 503
+        subscription = hub.subscribe(job_id)  # before the backlog is read: nothing falls between
+        try:
+            backlog = service.job_events(job_id, after)
+            hub.ready(subscription, backlog[-1].id if backlog else (after or "0-0"))
+        except BaseException:
+            hub.unsubscribe(subscription)
+            raise
+    stream = event_stream(hub, subscription, backlog, after=after, job_status=job["status"],
+                          heartbeat_seconds=_settings().events_heartbeat_seconds)
+    response = Response(stream, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    # Also when the client leaves before the stream started (a generator not started has no finally).
+    response.call_on_close(lambda: hub.unsubscribe(subscription))
+    return response
 
 
 @health_bp.get("/health/live")

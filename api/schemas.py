@@ -221,6 +221,80 @@ class JobStatus(BaseModel):
     error: Optional[str] = Field(None, description="Why the job failed, once finished.")
 
 
+#: GET /jobs page sizes.
+LIST_DEFAULT_LIMIT = 20
+LIST_MAX_LIMIT = 100
+
+
+class JobListQuery(BaseModel):
+    """GET /jobs query parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Optional[JobState] = Field(None, description="Only jobs in this state.")
+    generation_request_id: Optional[str] = Field(
+        None, pattern=REQUEST_ID_PATTERN,
+        description="Only the job of this generation_request_id (at most one job).")
+    limit: int = Field(LIST_DEFAULT_LIMIT, ge=1, le=LIST_MAX_LIMIT,
+                       description="Most jobs in the page.")
+    cursor: Optional[str] = Field(
+        None, min_length=1, max_length=200,
+        description="next_cursor of the previous page (opaque); absent for the first page.")
+
+
+class StemSummary(BaseModel):
+    stem: StemName
+    status: StemState
+    progress: float = Field(ge=0, le=1)
+    error: Optional[str] = None
+
+
+class JobSummary(BaseModel):
+    """One job of GET /jobs: its state and each stem's; GET status_url for the results."""
+
+    job_id: str
+    generation_request_id: str
+    audio_file_id: Optional[str]
+    status: JobState
+    progress: float = Field(ge=0, le=1, description="Mean of the stems' progress.")
+    created_at: float = Field(description="Unix time, seconds.")
+    updated_at: float
+    finished_at: Optional[float]
+    stems: list[StemSummary]
+    status_url: str = Field(description="GET /jobs/{job_id}: the job's results.")
+    events_url: str = Field(description="GET /jobs/{job_id}/events: its live progress.")
+
+
+class JobList(BaseModel):
+    """GET /jobs answer: the caller's jobs, newest first."""
+
+    jobs: list[JobSummary]
+    next_cursor: Optional[str] = Field(
+        description="Pass as cursor for the next page; null at the end. A page may hold fewer "
+                    "than limit jobs (even none: expired or filtered out) and still have one.")
+
+
+class JobEventData(BaseModel):
+    """``data`` of an ``event: job`` (Server-Sent Events of GET /jobs/{job_id}/events): the job's
+    status changed. The event with a final status (completed, partial, failed) is the last."""
+
+    job_id: str
+    status: JobState
+    error: Optional[str] = Field(None, description="With a final status: why stems failed.")
+
+
+class StemEventData(BaseModel):
+    """``data`` of an ``event: stem`` (a stem's status changed) or ``event: progress`` (a running
+    stem's progress moved; stored, and sent, at most every 2 %)."""
+
+    job_id: str
+    stem: StemName
+    status: StemState
+    progress: float = Field(ge=0, le=1)
+    url: Optional[str] = Field(None, description="Completed: the stem's read URL (SAS).")
+    error: Optional[str] = Field(None, description="Failed: why.")
+
+
 class CallbackBody(BaseModel):
     """What stemgen POSTs to the callback URL when a job ends.
 

@@ -1,4 +1,5 @@
-"""What the gateway asks of the task layer: submit a job, read it, check health."""
+"""What the gateway asks of the task layer: submit a job, read it, list jobs, follow a job's
+events, check health."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import redis
 from stemgen_settings import Settings
 from storage import StorageError, store_from_settings
 from tasks.app import app as celery_app
-from tasks.jobstore import JobStore, Submission
+from tasks.jobstore import EventFeed, JobEvent, JobPage, JobStore, Submission
 from tasks.planning import make_job_plan, plan_known_at_submission
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,16 @@ class JobService:
         settings: the service settings (broker, result backend, storage, limits).
     """
 
+    #: ``submit`` records the submitting key's identifier (``owner``) for ``list_jobs``; the
+    #: gateway passes it to services that say so (test doubles of this class may not).
+    records_owner = True
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.jobs = JobStore(settings.result_backend, settings.job_ttl_seconds)
         self._celery = celery_app
 
-    def submit(self, request: dict, callback_url: str | None) -> Submission:
+    def submit(self, request: dict, callback_url: str | None, owner: str = "") -> Submission:
         """Record the job (and its outbox entry, from which tasks.dispatcher sends its chord); a
         repeated identical request returns the same job.
 
@@ -49,7 +54,8 @@ class JobService:
         job (two for a repeated one, which also reads the job's state); the broker is not involved,
         so a job is accepted while the broker is down and dispatched when it is back. The job's
         musical plan is made here and stored with it, unless it waits for the source audio's
-        analysis (tasks.planning).
+        analysis (tasks.planning). ``owner`` identifies the API key the job is submitted with
+        (api.auth.key_id; "" without keys); a repeated request keeps the first owner.
 
         Raises:
             tasks.jobstore.IdempotencyConflict: same generation_request_id, different body.
@@ -59,7 +65,7 @@ class JobService:
         plan = (make_job_plan(request, self.settings.beats_per_bar)
                 if plan_known_at_submission(request["parameters"]) else None)
         try:
-            submission = self.jobs.create(request, stems, callback_url, plan)
+            submission = self.jobs.create(request, stems, callback_url, plan, owner=owner)
             if submission.created:
                 return submission
             return replace(submission, status=self.jobs.get(submission.job_id)["status"])
@@ -76,6 +82,35 @@ class JobService:
             return self.jobs.get(job_id)
         except _UNREACHABLE as exc:
             raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
+
+    def list_jobs(self, owner: str, *, status: str | None = None,
+                  generation_request_id: str | None = None, limit: int = 20,
+                  cursor: str | None = None) -> JobPage:
+        """The jobs submitted with the key ``owner`` identifies, newest first (JobStore.list_jobs).
+
+        Raises:
+            tasks.jobstore.InvalidCursor. ServiceUnavailable: the job store is unreachable.
+        """
+        try:
+            return self.jobs.list_jobs(owner, status=status, generation_request_id=generation_request_id,
+                                       limit=limit, cursor=cursor)
+        except _UNREACHABLE as exc:
+            raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
+
+    def job_events(self, job_id: str, after: str | None = None) -> list[JobEvent]:
+        """The job's stored events after the event id ``after`` (all when None), oldest first.
+
+        Raises:
+            ValueError: ``after`` is not an event id. ServiceUnavailable: the job store is unreachable.
+        """
+        try:
+            return self.jobs.read_events(job_id, after)
+        except _UNREACHABLE as exc:
+            raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
+
+    def event_feed(self) -> EventFeed:
+        """A reader of many jobs' events at once, for the gateway's one event hub per process."""
+        return self.jobs.event_feed()
 
     # --- health ---------------------------------------------------------------------------------------
     def broker_health(self) -> ComponentHealth:
