@@ -12,6 +12,11 @@ still works (``GUNICORN_THREADS`` sizes it).
 import gc
 import multiprocessing
 import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from gunicorn.glogging import Logger as _GunicornLogger
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", max(2, multiprocessing.cpu_count())))
@@ -62,3 +67,53 @@ def post_worker_init(worker):
     """Freeze the loaded app's objects out of the garbage collector's reach (``gc_freeze``)."""
     if gc_freeze:
         gc.freeze()
+
+
+class StemgenLogger(_GunicornLogger):
+    """gunicorn's logger, with its lines and the app's in LOG_FORMAT (text or JSON), the request's
+    job context and secrets masked (stemgen_logging): the app's loggers propagate to one root
+    handler on stderr; gunicorn's own handlers (error log, access log) get the same format."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        import stemgen_logging
+        from stemgen_settings import load_settings
+
+        stemgen_logging.configure_logging(load_settings(), "gateway",
+                                          loggers=(self.error_log, self.access_log))
+
+
+logger_class = StemgenLogger
+
+#: Set when the multiprocess metrics directory is ours (made in on_starting, removed in on_exit).
+_made_metrics_dir = None
+
+
+def on_starting(server):
+    """Prometheus metrics across the workers (prometheus_client's multiprocess mode, api.metrics):
+    each worker writes its samples under PROMETHEUS_MULTIPROC_DIR and /metrics adds them up. It
+    must be set before the workers import prometheus_client and be empty at start: a fresh
+    directory when unset, else its old *.db files are removed. (With ``preload_app`` the app, and
+    prometheus_client, would be loaded before this hook: not supported.)"""
+    global _made_metrics_dir
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        for stale in Path(path).glob("*.db"):
+            stale.unlink()
+    else:
+        path = _made_metrics_dir = tempfile.mkdtemp(prefix="stemgen-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def child_exit(server, worker):
+    """A worker that exited leaves its counters to the sum; its live gauges go."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _made_metrics_dir:
+        shutil.rmtree(_made_metrics_dir, ignore_errors=True)

@@ -13,13 +13,17 @@ followed (a 3xx is a refusal), so an allowed URL cannot bounce the POST to a pri
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import logging
 import time
+from urllib.parse import urlsplit
 
 import requests
 
+from tasks import metrics
 from tasks.callback_target import (
     CallbackHostUnresolvable,
     CallbackPolicy,
@@ -32,6 +36,8 @@ SIGNATURE_HEADER = "X-Stemgen-Signature"
 TIMESTAMP_HEADER = "X-Stemgen-Timestamp"
 EVENT_ID_HEADER = "X-Stemgen-Event-Id"
 USER_AGENT = "stemgen-callback/1"
+
+log = logging.getLogger(__name__)
 
 
 class CallbackError(RuntimeError):
@@ -67,6 +73,34 @@ def encode_body(payload: dict) -> bytes:
     return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _instrumented(post):
+    """Count each attempt by outcome (tasks.metrics) and log the answer of a successful one."""
+
+    @functools.wraps(post)
+    def attempt(url: str, *args, **kwargs) -> int:
+        started, outcome = time.perf_counter(), "error"
+        try:
+            status = post(url, *args, **kwargs)
+            outcome = "success"
+            log.info("callback to %s answered HTTP %d in %.3fs", urlsplit(url).hostname, status,
+                     time.perf_counter() - started)
+            return status
+        except CallbackRetryableError:
+            outcome = "retryable"
+            raise
+        except CallbackRefused:
+            outcome = "refused"
+            raise
+        except CallbackError:
+            outcome = "rejected"
+            raise
+        finally:
+            metrics.callback_attempt(outcome, time.perf_counter() - started)
+
+    return attempt
+
+
+@_instrumented
 def post_callback(url: str, payload: dict, *, event_id: str, secret: str = "",
                   timeout_seconds: float = 10.0, connect_timeout_seconds: float | None = None,
                   policy: CallbackPolicy | None = None, session: requests.Session | None = None) -> int:

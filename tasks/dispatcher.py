@@ -34,6 +34,7 @@ from typing import Callable
 
 import redis
 
+import stemgen_logging
 from tasks.jobstore import JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class OutboxDispatcher:
         """
         claimed = self.jobs.claim_due(self.batch_size, self.lease_seconds)
         for i, job_id in enumerate(claimed):
-            if not self._dispatch(job_id):
+            with stemgen_logging.log_context(job_id=job_id):  # on the lines of this job's dispatch
+                sent = self._dispatch(job_id)
+            if not sent:
                 # The broker is down: the rest of the batch waits too, rather than each paying for
                 # Celery's publish retries while its lease runs out.
                 for rest in claimed[i + 1:]:
@@ -119,6 +122,7 @@ class OutboxDispatcher:
             log.warning("outbox: job %s has no record (expired); dropped", job_id)
             self.jobs.drop_from_outbox(job_id)
             return True
+        stemgen_logging.bind(generation_request_id=job.get("generation_request_id"))
         if not job["dispatched"]:
             try:
                 self.send(job)
@@ -130,6 +134,7 @@ class OutboxDispatcher:
                 self.jobs.defer_dispatch(job_id, self.retry_seconds)
                 return False
         self.jobs.mark_dispatched(job_id)
+        log.info("outbox: job %s dispatched", job_id)
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -18,6 +18,7 @@ import redis
 from celery import chord
 from celery.utils.time import get_exponential_backoff_interval
 
+import stemgen_logging
 from stems.analysis import coherence, stem_analysis
 from stems.engine import SamplingParams
 from stems.plan import MusicalPlan, parse_key
@@ -25,6 +26,7 @@ from stems.prompts import HARMONIC_STEMS, build_ensemble_prompt, build_stem_prom
 from stems.render import conform_clip, finish_stem, render_stem
 from stems.separation import stem_energy_db
 from storage import StorageUnavailable, blob_name_for, store_from_settings
+from tasks import metrics
 from tasks.app import app
 from tasks.callback_target import CallbackPolicy
 from tasks.callbacks import CallbackRetryableError, CallbackError, post_callback
@@ -81,8 +83,10 @@ def sampling_params(parameters: dict, settings) -> SamplingParams:
                           cfg_coef=float(pick("cfg_coef", settings.default_cfg_coef)))
 
 
-def _failed(jobs: JobStore, job_id: str, stem: str, error: str) -> dict:
+def _failed(jobs: JobStore, job_id: str, stem: str, error: str,
+            arrangement: str = "independent") -> dict:
     result = {"stem": stem, "status": "failed", "error": error}
+    metrics.stem_failed(stem, arrangement)
     jobs.update_stem(job_id, stem, "failed", 1.0, error=error)
     return result
 
@@ -138,6 +142,7 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
               **rendered.metadata(), "analysis": analysis}
     details = {k: v for k, v in result.items() if k not in ("stem", "status")}
     jobs.update_stem(job_id, stem, "completed", 1.0, **details)
+    metrics.stem_completed(stem, extra.get("arrangement", "independent"), rendered.duration_seconds)
     return result
 
 
@@ -198,8 +203,11 @@ def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[
         prompt, float(parameters["duration_seconds"]) + settings.generation_margin_seconds,
         sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
         progress=progress, conditioning=conditioning)
+    seconds = time.perf_counter() - started
+    metrics.generation_done(batcher, settings.musicgen_model,
+                            "ensemble" if ensemble else "independent", seconds)
     return _Generation(audio, engine.sample_rate, engine.device, plan, prompt,
-                       conditioning.kind if conditioning else None, time.perf_counter() - started)
+                       conditioning.kind if conditioning else None, seconds)
 
 
 @app.task(bind=True, name="stemgen.generate_stem", max_retries=STORAGE_MAX_RETRIES)
@@ -302,12 +310,13 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
     except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
         retry = _retry_later(self, settings, exc, f"{job_id} (ensemble)")
         if retry is None:
-            return [results.get(stem) or _failed(jobs, job_id, stem, str(exc)) for stem in stems]
+            return [results.get(stem) or _failed(jobs, job_id, stem, str(exc), "ensemble")
+                    for stem in stems]
         raise retry
     except Exception as exc:  # the failure becomes the stems' results; see docstring
         log.exception("ensemble of job %s failed", job_id)
         error = f"{exc.__class__.__name__}: {exc}"
-        return [results.get(stem) or _failed(jobs, job_id, stem, error) for stem in stems]
+        return [results.get(stem) or _failed(jobs, job_id, stem, error, "ensemble") for stem in stems]
 
 
 def job_state(results: list[dict]) -> str:
@@ -364,10 +373,13 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
     """
     jobs = job_store(self.app)
     job = jobs.get(job_id)
+    stemgen_logging.bind(generation_request_id=job.get("generation_request_id"))
     results = flat_results(results)
     state = job_state(results)
     if not jobs.finish(job_id, state, callback_payload(job, results, state, job_coherence(job, results))):
         log.info("job %s was already finished; keeping its first result", job_id)
+    else:
+        log.info("job %s finished: %s", job_id, state)
     job = jobs.get(job_id)
     if job["callback"]["url"] and not job["delivery_enqueued"]:
         deliver_callback.delay(job_id)
@@ -424,6 +436,7 @@ def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
         log.warning("callback of job %s not sent: the job record is gone", job_id)
         jobs.delivery_settled(job_id)
         return "gone"
+    stemgen_logging.bind(generation_request_id=job.get("generation_request_id"))
     if job["callback"]["state"] in ("delivered", "failed"):
         jobs.delivery_settled(job_id)  # a copy re-sent by the sweep finds it done
         return job["callback"]["state"]

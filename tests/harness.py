@@ -107,6 +107,8 @@ def service_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         "CALLBACK_ALLOW_LOOPBACK": "true",
         "USER": env.get("USER", "stemgen"),
         "PYTHONUNBUFFERED": "1",
+        # Several workers run at once: none binds the metrics port unless a test asks for it.
+        "WORKER_METRICS_PORT": "0",
     })
     env.update(overrides)
     return env
