@@ -420,14 +420,16 @@ class StemEngine:
                 extend_stride=min(18.0, self.max_duration_seconds / 2),
             )
             if progress is not None:
-                # audiocraft reports tokens done across extension windows but the total of the
-                # current window only, so the fraction is taken against the whole clip's tokens.
-                # Overlapping windows can make the count step back: report the running maximum.
-                total_tokens = max(1, int((prompt_seconds + duration_seconds) * model.frame_rate))
-                reported = [0.0]
+                # audiocraft calls back once per decoding step, in every extension window, but
+                # its counts restart per window and include the window's prompt: progress is the
+                # steps decoded so far against the new tokens the clip needs (monotonic, within a
+                # few delay steps per window of exact).
+                total_tokens = max(1, int(duration_seconds * model.frame_rate))
+                steps, reported = [0], [0.0]
 
-                def on_tokens(done: int, _window_total: int) -> None:
-                    fraction = min(1.0, done / total_tokens)
+                def on_tokens(_done: int, _window_total: int) -> None:
+                    steps[0] += 1
+                    fraction = min(1.0, steps[0] / total_tokens)
                     if fraction > reported[0]:
                         reported[0] = fraction
                         progress(fraction)

@@ -8,7 +8,9 @@ constant stretch ratio leaves the beats drifting off any DAW grid. ``conform_to_
    octave of the target), beats by dynamic programming (Ellis 2007, "Beat tracking by dynamic
    programming", J. New Music Research 36(1), as implemented by ``librosa.beat.beat_track``),
    each beat refined to its attack on a 0.5 ms energy envelope and smoothed by robust local
-   quadratic regression, and the downbeat as the bar phase with the strongest evidence from
+   quadratic regression (separately on each side of a phase jump, as at a join of MusicGen's
+   extension windows, where the next window's groove may start a little early or late), and the
+   downbeat as the bar phase with the strongest evidence from
    kick-band onsets against snare-band onsets, bass-note changes and chord changes
    (beat-synchronous chroma novelty);
 2. warps so that every beat lands on the target grid: the beat -> grid map is piecewise linear,
@@ -71,6 +73,12 @@ _XFADE_SECONDS = 0.006   # join between segment renders
 _XFADE_LEAD = 0.002      # join ends this long before the beat's attack
 _MARGIN_SECONDS = 0.05   # extra input rendered on both sides of a segment
 _LOOP_XFADE_MAX = 0.05   # loop join crossfade, at most a quarter beat
+# Phase jumps in the beat list (joins of MusicGen's extension windows): at least this big
+# (seconds), at most this fraction of the period, confirmed by this many following beats.
+_PHASE_JUMP_MIN = 0.008
+_MAX_PHASE_JUMP = 0.2
+_JUMP_CONFIRM = 5
+_MIN_PIECE_BEATS = 6      # beats smoothed on each side of a jump, at least
 
 
 class TempoError(ValueError):
@@ -335,6 +343,41 @@ def _smooth_beats(times: np.ndarray, half_width: int = 4) -> tuple[np.ndarray, n
     return smooth, times - smooth
 
 
+def _phase_jumps(times: np.ndarray) -> list[int]:
+    """Indices j where the beats from ``times[j]`` on are shifted in phase against those before
+    (a join of MusicGen's extension windows: the new window's groove starts a little early or
+    late). One interval off the local period while its neighbours are not, by more than
+    _PHASE_JUMP_MIN seconds and 4 robust deviations of the intervals; a single misplaced beat
+    instead makes two opposite deviations in a row and is left to the smoothing."""
+    n = len(times)
+    if n < 2 * _MIN_PIECE_BEATS:
+        return []
+    d = np.diff(times)
+    local = np.array([np.median(np.delete(d[max(0, i - 4): i + 5], min(i, 4))) for i in range(len(d))])
+    e = d - local
+    spread = 1.4826 * float(np.median(np.abs(e)))
+    jumps = []
+    for i in range(1, len(d) - 1):
+        size = abs(e[i])
+        if size < max(_PHASE_JUMP_MIN, 4.0 * spread) or size > _MAX_PHASE_JUMP * local[i]:
+            continue
+        if abs(e[i - 1]) > 0.5 * size or abs(e[i + 1]) > 0.5 * size:
+            continue
+        j = i + 1
+        if j >= _MIN_PIECE_BEATS and n - j >= _MIN_PIECE_BEATS and (not jumps or j - jumps[-1] >= _MIN_PIECE_BEATS):
+            jumps.append(j)
+    return jumps
+
+
+def _smooth_pieces(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_smooth_beats`` on each run of beats between phase jumps (``_phase_jumps``), so that a
+    jump stays a jump (the warp puts the beats on both sides on the grid) instead of being
+    spread over the beats around it."""
+    bounds = [0, *_phase_jumps(times), len(times)]
+    parts = [_smooth_beats(times[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _beat_sync_novelty(beat_times: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     """1 - cosine similarity of the mean chroma of each inter-beat span and the one before."""
     n = len(beat_times)
@@ -379,11 +422,25 @@ def _downbeat_phase(beat_times: np.ndarray, feats: _Features, beats_per_bar: int
 def _consistent_beats(times: np.ndarray) -> np.ndarray:
     """Walk out from the middle of the beat list; a beat more than 8 % of the local period off
     the one predicted from its 4 predecessors is replaced when the next beat confirms the
-    prediction (a one-off slip) and otherwise ends the list there (the tracker's guesses at
-    the edges of the clip, where the music or the DP's evidence runs out)."""
+    prediction (a one-off slip), kept when it starts a run of _JUMP_CONFIRM + 1 beats at the
+    local period at most _MAX_PHASE_JUMP off in phase (a phase jump, as at a join of MusicGen's
+    extension windows), and otherwise ends the list there (the tracker's guesses at the edges
+    of the clip, where the music or the DP's evidence runs out)."""
     t = list(np.asarray(times, dtype=float))
     if len(t) < 8:
         return np.asarray(t)
+
+    def new_phase(seq: list[float], k: int, pred: float, local: float) -> bool:
+        """seq[k:] starts a run of beats at the local period (a line fit: slope within 6 %,
+        every beat within 8 % of the period) whose phase is at most _MAX_PHASE_JUMP off."""
+        if k + _JUMP_CONFIRM >= len(seq):
+            return False
+        run = np.asarray(seq[k: k + _JUMP_CONFIRM + 1])
+        m = np.arange(len(run), dtype=float)
+        slope, start = np.polyfit(m, run, 1)
+        return bool(abs(slope - local) <= 0.06 * local
+                    and np.max(np.abs(run - (start + slope * m))) <= 0.08 * local
+                    and abs(start - pred) <= _MAX_PHASE_JUMP * local)
 
     def walk(seq: list[float], start: int) -> list[float]:
         out = seq[:start]
@@ -395,6 +452,8 @@ def _consistent_beats(times: np.ndarray) -> np.ndarray:
                 out.append(seq[k])
             elif k + 1 < len(seq) and abs(seq[k + 1] - (out[-1] + 2 * local)) <= 0.08 * local:
                 out.append(pred)
+            elif new_phase(seq, k, pred, local):
+                out.append(seq[k])
             else:
                 break
             k += 1
@@ -431,7 +490,7 @@ def _analyse(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_per_ba
     refined = _consistent_beats(_regularise_beats(np.sort(refined)))
     if len(refined) < 4:
         return None
-    smooth, resid = _smooth_beats(refined)
+    smooth, resid = _smooth_pieces(refined)
     inside = (smooth >= 0.0) & (smooth < duration)  # a smoothed edge beat may fall off the clip
     smooth, resid = smooth[inside], resid[inside]
     if len(smooth) < 4:

@@ -13,10 +13,16 @@ every note. Parts:
 Every note starts on an 8th-note position, so an 8th-note grid is the right yardstick for the
 output. Clips start somewhere inside the bar before the first downbeat (a pickup), as generated
 audio does.
+
+Window-join clips (``build_join_item``) model a long stem that MusicGen generated window by window
+(audiocraft's extension: a 30 s window, then windows that continue the last 12 s and add 18 s
+each, so new material starts at 30, 48, 66, 84 and 102 s): at every join the groove jumps in
+phase by 10-35 ms (early or late) and steps in tempo by 0.5-2 %, on top of the clip's drift.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +31,11 @@ from bench.tempo.kits import ACOUSTIC_KITS, ELECTRONIC_KITS, load_kit
 
 BEATS_PER_BAR = 4
 SLOTS_PER_BAR = 8  # 8th notes
+# audiocraft's extension as stems.engine runs it with a 30 s model: min(18, window / 2) stride
+WINDOW_SECONDS = 30.0
+STRIDE_SECONDS = 18.0
+#: lengths of the window-join clips, cycled (120 s: MAX_DURATION_SECONDS, 5 joins)
+JOIN_CLIP_SECONDS = (66.0, 120.0, 84.0)
 
 # 8 slots per bar: 1 & 2 & 3 & 4 &
 _GROOVES = {
@@ -59,6 +70,10 @@ class Clip:
     target_bpm: float
     drift_percent: float      # peak-to-peak tempo change across the clip
     drift_shape: str
+    #: window joins (seconds in the clip) where the groove jumps in phase and steps in tempo
+    joins: tuple[float, ...] = ()
+    join_phase_ms: tuple[float, ...] = ()       # the phase jump at each join (+: notes late)
+    join_tempo_percent: tuple[float, ...] = ()  # the tempo step at each join
 
     @property
     def ratio(self) -> float:
@@ -123,9 +138,38 @@ def _pluck(freq: float, length: int, sr: int, rng: np.random.Generator, decay: f
     return y[1: 1 + length].astype(np.float32)
 
 
+def window_joins(duration: float, window: float = WINDOW_SECONDS,
+                 stride: float = STRIDE_SECONDS) -> tuple[float, ...]:
+    """Where audiocraft's extension starts new material in a ``duration``-second clip generated
+    with a ``window``-second model and ``extend_stride`` ``stride``: window, window + stride, ..."""
+    joins, t = [], window
+    while t < duration - 1e-9:
+        joins.append(round(t, 6))
+        t += stride
+    return tuple(joins)
+
+
+def _join_offsets(joins: tuple[float, ...], seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Phase jump (seconds) and tempo step (fraction) at each join: 10-35 ms early or late and
+    0.5-2 % faster or slower; the cumulative tempo change stays within +-3 %. Their own random
+    stream, so the clips without joins are the same as before joins existed."""
+    jrng = np.random.default_rng([seed, index, 104729])
+    phase = jrng.choice([-1.0, 1.0], len(joins)) * jrng.uniform(0.010, 0.035, len(joins))
+    steps, total = [], 1.0
+    for _ in joins:
+        step = float(jrng.choice([-1.0, 1.0]) * jrng.uniform(0.005, 0.02))
+        if abs(total * (1 + step) - 1.0) > 0.03:
+            step = -step
+        total *= 1 + step
+        steps.append(step)
+    return phase, np.array(steps)
+
+
 def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, channels: int = 1,
-              kind: str = "full", seed: int = 0) -> Clip:
-    """Synthesise evaluation clip ``index`` (deterministic for a given seed)."""
+              kind: str = "full", seed: int = 0, joins: tuple[float, ...] = ()) -> Clip:
+    """Synthesise evaluation clip ``index`` (deterministic for a given seed). ``joins``: clip
+    times (s) of window joins, where the groove jumps in phase and steps in tempo
+    (``_join_offsets``)."""
     rng = np.random.default_rng([seed, index])
     sr = sample_rate
     bpm0 = float(np.exp(rng.uniform(np.log(70.0), np.log(160.0))))
@@ -136,11 +180,20 @@ def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, c
     dt = 0.0005
     grid_t = np.arange(0.0, duration + 2.0, dt)
     bpm_curve, shape = _tempo_curve(rng, len(grid_t), bpm0, drift)
+    join_phase, join_step = _join_offsets(tuple(joins), seed, index)
+    for join, step in zip(joins, join_step):
+        bpm_curve = np.where(grid_t >= join, bpm_curve * (1.0 + step), bpm_curve)
     q0 = -float(rng.uniform(0.0, BEATS_PER_BAR))
     q = q0 + np.concatenate(([0.0], np.cumsum(bpm_curve[:-1] / 60.0 * dt)))
+    join_at = np.asarray(joins, dtype=float)
+    jump_after = np.concatenate(([0.0], np.cumsum(join_phase)))
+
+    def shifted(t):
+        """A time of the continuous groove, moved by the phase jumps of the joins before it."""
+        return t + jump_after[np.searchsorted(join_at, t, side="right")]
 
     def time_of(position: float) -> float:
-        return float(np.interp(position, q, grid_t))
+        return float(shifted(float(np.interp(position, q, grid_t))))
 
     first_bar = int(np.floor(q0 / BEATS_PER_BAR))
     last_bar = int(np.ceil(q[np.searchsorted(grid_t, duration)] / BEATS_PER_BAR))
@@ -214,7 +267,7 @@ def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, c
 
     # the clip's true beats: every quarter note inside the clip
     beat_positions = np.arange(np.ceil(q0), q[np.searchsorted(grid_t, duration) - 1] + 1e-9)
-    beat_times = np.interp(beat_positions, q, grid_t)
+    beat_times = shifted(np.interp(beat_positions, q, grid_t))
     keep = (beat_times >= 0) & (beat_times < duration)
     beat_positions, beat_times = beat_positions[keep], beat_times[keep]
     downbeats = beat_times[np.mod(beat_positions, BEATS_PER_BAR) == 0]
@@ -227,7 +280,9 @@ def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, c
     target = float(np.clip(round(source_bpm * rng_target), np.ceil(source_bpm * 0.75), np.floor(source_bpm * 1.33)))
     return Clip(name=f"{index:02d}", kind=kind_name, audio=out, sample_rate=sr, beat_times=beat_times,
                 downbeat_times=downbeats, source_bpm=float(source_bpm), target_bpm=target,
-                drift_percent=100 * drift, drift_shape=shape)
+                drift_percent=100 * drift, drift_shape=shape, joins=tuple(float(j) for j in joins),
+                join_phase_ms=tuple(float(1000 * p) for p in join_phase),
+                join_tempo_percent=tuple(float(100 * st) for st in join_step))
 
 
 def build_set_item(index: int, *, n_clips: int = 40, duration: float = 30.0, seed: int = 0) -> Clip:
@@ -249,3 +304,16 @@ def build_set_item(index: int, *, n_clips: int = 40, duration: float = 30.0, see
 def build_set(n_clips: int = 40, *, duration: float = 30.0, seed: int = 0) -> list[Clip]:
     """The whole evaluation set (see ``build_set_item``)."""
     return [build_set_item(i, n_clips=n_clips, duration=duration, seed=seed) for i in range(n_clips)]
+
+
+def build_join_item(index: int, *, seed: int = 0) -> Clip:
+    """Window-join clip ``index``: ``JOIN_CLIP_SECONDS`` cycled (66, 120, 84 s), with a phase jump
+    and a tempo step at every join of a 30 s window extended by 18 s strides (``window_joins``);
+    32 kHz mono (MusicGen's format) except every 4th, 44.1 kHz stereo; material cycles through
+    full band, drums+bass, bass+strum and drums. Its random stream is apart from the 30 s set's."""
+    duration = JOIN_CLIP_SECONDS[index % len(JOIN_CLIP_SECONDS)]
+    kinds = ("full", "drums+bass", "bass+strum", "drums")
+    sr, ch = (44100, 2) if index % 4 == 3 else (32000, 1)
+    clip = make_clip(1000 + index, duration=duration, sample_rate=sr, channels=ch,
+                     kind=kinds[index % len(kinds)], seed=seed, joins=window_joins(duration))
+    return dataclasses.replace(clip, name=f"J{index}")

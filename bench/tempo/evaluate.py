@@ -8,7 +8,9 @@ Metrics for one output clip at target tempo T:
 - tempo error (%): an 8th-note grid (period p, phase) is fitted to the onsets (circular
   resultant search, then least-squares on grid indices); tempo = 30 / p; error = |tempo - T| / T;
 - grid distance p75 (ms): with the period fixed at exactly 30 / T and the best phase, the 75th
-  percentile of |onset - nearest grid line|.
+  percentile of |onset - nearest grid line|;
+- join grid distance p75 (ms, window-join clips): the same, over the onsets within 2 s of each
+  window join in the output, against the grid phase that fits the whole clip.
 """
 
 from __future__ import annotations
@@ -74,14 +76,39 @@ def fit_grid(onsets: np.ndarray, nominal_period: float, search: float = 0.15) ->
 
 def grid_distance_p75(onsets: np.ndarray, period: float) -> float:
     """75th-percentile distance (seconds) of ``onsets`` from a grid of ``period`` at the best phase."""
+    return best_grid_phase(onsets, period)[1]
+
+
+def best_grid_phase(onsets: np.ndarray, period: float) -> tuple[float, float]:
+    """(phase, p75 distance), seconds: the phase of a grid of ``period`` that minimises the
+    75th-percentile distance of ``onsets`` from it, and that distance."""
     if len(onsets) == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     phases = np.linspace(0.0, period, 400, endpoint=False)
-    best = np.inf
+    best, best_phase = np.inf, 0.0
     for ph in phases:
         d = np.abs((onsets - ph + period / 2) % period - period / 2)
-        best = min(best, float(np.percentile(d, 75)))
-    return best
+        p75 = float(np.percentile(d, 75))
+        if p75 < best:
+            best, best_phase = p75, float(ph)
+    return best_phase, best
+
+
+def grid_distance_near(onsets: np.ndarray, period: float, centres, half_width: float = 2.0) -> list[float]:
+    """For each time in ``centres`` (seconds), the 75th-percentile distance (seconds) of the onsets
+    within ``half_width`` of it from the grid of ``period`` at the phase that fits the WHOLE clip
+    (``best_grid_phase``), so a phase jump that the output kept shows up (a local phase fit
+    would absorb it). NaN where fewer than 4 onsets fall in the span."""
+    phase, _ = best_grid_phase(onsets, period)
+    out = []
+    for c in centres:
+        near = onsets[np.abs(onsets - c) <= half_width]
+        if len(near) < 4:
+            out.append(float("nan"))
+            continue
+        d = np.abs((near - phase + period / 2) % period - period / 2)
+        out.append(float(np.percentile(d, 75)))
+    return out
 
 
 @dataclass(frozen=True)

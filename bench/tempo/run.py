@@ -1,4 +1,4 @@
-"""Tempo conform bench runner (``python -m bench.tempo [--clips N] [--jobs J] [--seed S] [--strict]``).
+"""Tempo conform bench runner (``python -m bench.tempo [--clips N] [--join-clips N] [--jobs J] [--seed S] [--strict]``).
 
 Builds the evaluation set (``dataset.py``: real drum kits + synthetic bass and strums, 1-3 %
 tempo drift, a few ms of timing jitter, 70-160 BPM, target/source 0.75-1.33), conforms every
@@ -12,6 +12,10 @@ clip with
 and judges every output with the independent aubio judge (``evaluate.py``). Prints one table
 from the one run, the speed of stemgen on 30 s of mono 32 kHz audio on one core, and whether
 the targets hold. ``--strict`` exits 1 when a target is missed.
+
+The window-join clips (``dataset.build_join_item``: 66-120 s, a phase jump and a tempo step at
+every join of MusicGen's window extension) get their own table, with the grid distance within
+2 s of each join (``evaluate.grid_distance_near``), and are held to the same targets.
 
 The per-clip work lives here, not in ``__main__``, so that spawned pool workers can import it.
 """
@@ -39,6 +43,8 @@ TARGETS = {
     "grid_worst": 30.0,    # ms, worst clip
     "speed": 20.0,         # x real time, 30 s mono 32 kHz, one core
 }
+#: onsets this close to a window join (seconds, output) make its join grid distance
+JOIN_HALF_WIDTH = 2.0
 METHODS = ("stemgen", "(a) librosa+PV", "(b) RB const true")
 
 
@@ -54,6 +60,12 @@ class ClipResult:
     source_detector_ms: float
     downbeat_ok: bool
     confidence: float
+    duration: float = 30.0
+    #: stemgen's output bars / the whole bars (closed by a beat inside the clip) that follow the
+    #: clip's first true downbeat (a conform that loses the beat list part way keeps fewer)
+    kept: float = 1.0
+    #: per method, the grid distance p75 (ms) within JOIN_HALF_WIDTH of each window join
+    join_p75: dict[str, list[float]] | None = None
 
 
 def _librosa_baseline(audio: np.ndarray, sr: int, target: float) -> np.ndarray:
@@ -65,15 +77,30 @@ def _librosa_baseline(audio: np.ndarray, sr: int, target: float) -> np.ndarray:
     return librosa.effects.time_stretch(audio, rate=target / est)
 
 
-def _run_clip(args: tuple[int, int, int, float]) -> ClipResult:
-    index, n_clips, seed, duration = args
+def _joins_in_output(clip, method: str, downbeat_in: float) -> np.ndarray:
+    """Where ``clip``'s window joins are in a method's output (seconds). stemgen's output starts
+    on the first kept downbeat with beat k at k * 60 / target, so a join goes where its beat
+    position (from the clip's true beats) puts it; the constant-ratio baselines scale time."""
+    joins = np.asarray(clip.joins, dtype=float)
+    if method != "stemgen":
+        return joins * clip.source_bpm / clip.target_bpm
+    index = np.arange(len(clip.beat_times), dtype=float)
+    beats = np.interp(joins, clip.beat_times, index) - np.interp(downbeat_in, clip.beat_times, index)
+    return beats * 60.0 / clip.target_bpm
+
+
+def _run_clip(args: tuple[int, int, int, float, bool]) -> ClipResult:
+    index, n_clips, seed, duration, join = args
     import pedalboard
 
-    from bench.tempo.dataset import build_set_item
-    from bench.tempo.evaluate import detect_onsets, score, truth_distance_ms
+    from bench.tempo.dataset import build_join_item, build_set_item
+    from bench.tempo.evaluate import detect_onsets, grid_distance_near, score, truth_distance_ms
     from stems.tempo import conform_to_bpm
 
-    clip = build_set_item(index, n_clips=n_clips, duration=duration, seed=seed)
+    if join:
+        clip = build_join_item(index, seed=seed)
+    else:
+        clip = build_set_item(index, n_clips=n_clips, duration=duration, seed=seed)
     sr, target = clip.sample_rate, clip.target_bpm
     outputs, cpu = {}, {}
 
@@ -91,24 +118,32 @@ def _run_clip(args: tuple[int, int, int, float]) -> ClipResult:
                                                            stretch_factor=target / clip.source_bpm)
     cpu["(b) RB const true"] = time.process_time() - t0
 
-    errs, grids = {}, {}
+    errs, grids, join_p75 = {}, {}, {}
     for method, audio in outputs.items():
         s = score(audio, sr, target)
         errs[method], grids[method] = s.tempo_error_percent, s.grid_p75_ms
+        if clip.joins:
+            centres = _joins_in_output(clip, method, result.analysis.downbeat_offset_seconds)
+            near = grid_distance_near(detect_onsets(audio, sr), 30.0 / target, centres, JOIN_HALF_WIDTH)
+            join_p75[method] = [1000 * d for d in near]
 
     # detector self-check on the unprocessed clip against its true 8th-note times
     b = clip.beat_times
     eighths = np.sort(np.concatenate((b, (b[1:] + b[:-1]) / 2)))
     det_ms = truth_distance_ms(detect_onsets(clip.audio, sr), eighths)
     downbeat_ok = bool(np.min(np.abs(clip.downbeat_times - result.analysis.downbeat_offset_seconds)) < 0.05)
+    whole_bars = (np.count_nonzero(clip.beat_times >= clip.downbeat_times[0] - 1e-9) - 1) // 4
+    kept = result.analysis.bars / max(1, whole_bars)
     return ClipResult(name=clip.name, kind=clip.kind, drift=clip.drift_percent, ratio=clip.ratio,
                       tempo_err=errs, grid_p75=grids, cpu_s=cpu, source_detector_ms=det_ms,
-                      downbeat_ok=downbeat_ok, confidence=result.analysis.confidence)
+                      downbeat_ok=downbeat_ok, confidence=result.analysis.confidence,
+                      duration=clip.audio.shape[1] / sr, kept=kept, join_p75=join_p75 or None)
 
 
-def _measure_speed(repeats: int = 3) -> tuple[float, float, float]:
+def _measure_speed(repeats: int = 3) -> tuple[float, float, float, float, float]:
     """Conform 30 s of mono 32 kHz audio pinned to one core, after a warm-up call (the first
-    call in a process pays librosa/numba start-up). Returns (best CPU s, best wall s, cold s)."""
+    call in a process pays librosa/numba start-up), then 120 s (MAX_DURATION_SECONDS) once.
+    Returns (best CPU s, best wall s, cold s, 120 s CPU s, 120 s peak RSS growth MiB)."""
     from bench.tempo.dataset import make_clip
     from stems.tempo import conform_to_bpm
 
@@ -126,7 +161,15 @@ def _measure_speed(repeats: int = 3) -> tuple[float, float, float]:
         conform_to_bpm(clip.audio, 32000, clip.target_bpm)
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
-    return min(cpu), min(wall), cold
+    import resource
+
+    long = make_clip(1001, duration=120.0, sample_rate=32000, channels=1, kind="full", seed=12345)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    c0 = time.process_time()
+    conform_to_bpm(long.audio, 32000, long.target_bpm)
+    long_cpu = time.process_time() - c0
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024.0  # KiB on Linux
+    return min(cpu), min(wall), cold, long_cpu, rss_growth
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -139,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--join-clips", type=int, default=6,
+                        help="window-join clips (66-120 s) besides the --clips set")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
 
@@ -153,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:  # its own process, so pinning it to a core affects nothing else
-        cpu_s, wall_s, cold_s = pool.apply(_measure_speed)
+        cpu_s, wall_s, cold_s, long_cpu_s, long_rss_mib = pool.apply(_measure_speed)
 
-    jobs = [(i, args.clips, args.seed, args.duration) for i in range(args.clips)]
+    # the long join clips first, so that the pool's processes finish together
+    jobs = ([(i, args.clips, args.seed, args.duration, True) for i in range(args.join_clips)]
+            + [(i, args.clips, args.seed, args.duration, False) for i in range(args.clips)])
     with ctx.Pool(max(1, args.jobs)) as pool:
-        results = pool.map(_run_clip, jobs, chunksize=1)
+        everything = pool.map(_run_clip, jobs, chunksize=1)
+    joined = [r for r in everything if r.join_p75 is not None]
+    results = [r for r in everything if r.join_p75 is None]
 
     err = {m: np.array([r.tempo_err[m] for r in results]) for m in METHODS}
     grid = {m: np.array([r.grid_p75[m] for r in results]) for m in METHODS}
@@ -181,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"judge self-check on the unprocessed clips: median onset-to-true-8th distance "
           f"{np.median(det):.1f} ms (jitter included)")
     print(f"stemgen downbeat found: {sum(r.downbeat_ok for r in results)}/{len(results)}; "
-          f"confidence median {np.median([r.confidence for r in results]):.2f}")
+          f"confidence median {np.median([r.confidence for r in results]):.2f}; "
+          f"bars kept min {min(r.kept for r in results):.2f}")
     kinds = sorted({r.kind.split(':')[0] for r in results})
     per_kind = ", ".join(
         f"{k} {np.median([r.grid_p75['stemgen'] for r in results if r.kind.split(':')[0] == k]):.1f}"
@@ -189,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stemgen grid p75 ms median by material: {per_kind}")
     speed = 30.0 / cpu_s
     print(f"speed: stemgen conforms 30 s of mono 32 kHz in {cpu_s:.2f} s CPU ({wall_s:.2f} s wall) on one "
-          f"core = {speed:.0f}x real time (first call in a process: {cold_s:.1f} s, library start-up)")
+          f"core = {speed:.0f}x real time (first call in a process: {cold_s:.1f} s, library start-up); "
+          f"120 s in {long_cpu_s:.2f} s CPU = {120.0 / long_cpu_s:.0f}x real time, peak RSS +{long_rss_mib:.0f} MiB")
+    join_checks = _report_joins(joined) if joined else []
 
     checks = [
         ("median tempo error <= 0.3 %", np.median(err["stemgen"]) <= TARGETS["tempo_median"]),
@@ -198,7 +250,41 @@ def main(argv: list[str] | None = None) -> int:
         ("worst grid p75 <= 30 ms", np.max(grid["stemgen"]) <= TARGETS["grid_worst"]),
         ("grid p75 better than (b) on median", np.median(grid["stemgen"]) < np.median(ref)),
         (">= 20x real time", speed >= TARGETS["speed"]),
-    ]
+    ] + join_checks
     print("targets: " + "; ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in checks))
     print(f"bench wall time {time.perf_counter() - started:.0f} s")
     return 1 if args.strict and not all(ok for _, ok in checks) else 0
+
+
+def _report_joins(joined: list[ClipResult]) -> list[tuple[str, bool]]:
+    """Print the window-join clips' table and per-clip rows; their checks (the 30 s set's
+    thresholds, and the worst join grid distance against the worst-clip one)."""
+    err = {m: np.array([r.tempo_err[m] for r in joined]) for m in METHODS}
+    grid = {m: np.array([r.grid_p75[m] for r in joined]) for m in METHODS}
+    near = {m: np.array([d for r in joined for d in r.join_p75[m]]) for m in METHODS}
+    n_joins = len(near["stemgen"])
+    print(f"window-join clips: {len(joined)} clips of {min(r.duration for r in joined):.0f}-"
+          f"{max(r.duration for r in joined):.0f} s, {n_joins} joins (a 30 s window extended by 18 s: "
+          "joins at 30, 48, 66, ... s, each a 10-35 ms phase jump and a 0.5-2 % tempo step); "
+          f"join p75: onsets within {JOIN_HALF_WIDTH:g} s of a join, against the whole clip's grid")
+    header = (f"{'method':<20} {'tempo err % med':>15} {'max':>7} {'grid p75 ms med':>16} {'worst':>7} "
+              f"{'join p75 ms med':>16} {'worst':>7}")
+    print(header)
+    print("-" * len(header))
+    for m in METHODS:
+        print(f"{m:<20} {_fmt(np.median(err[m]), 3):>15} {_fmt(np.max(err[m]), 3):>7} "
+              f"{_fmt(np.median(grid[m]), 1):>16} {_fmt(np.max(grid[m]), 1):>7} "
+              f"{_fmt(np.nanmedian(near[m]), 1):>16} {_fmt(np.nanmax(near[m]), 1):>7}")
+    for r in joined:
+        per_join = " ".join(_fmt(d, 1) if np.isfinite(d) else "n/a" for d in r.join_p75["stemgen"])
+        print(f"  {r.name:<4} {r.kind:<42} {r.duration:5.0f} s  stemgen tempo err {r.tempo_err['stemgen']:.3f} %, "
+              f"grid p75 {r.grid_p75['stemgen']:.1f} ms, at the joins {per_join} ms, bars kept {r.kept:.2f}")
+    worst_join = float(np.nanmax(near["stemgen"])) if n_joins else 0.0
+    return [
+        ("joins: median tempo error <= 0.3 %", np.median(err["stemgen"]) <= TARGETS["tempo_median"]),
+        ("joins: max tempo error <= 0.5 %", np.max(err["stemgen"]) <= TARGETS["tempo_p90"]),
+        ("joins: median grid p75 <= 10 ms", np.median(grid["stemgen"]) <= TARGETS["grid_median"]),
+        ("joins: worst grid p75 <= 30 ms", np.max(grid["stemgen"]) <= TARGETS["grid_worst"]),
+        ("joins: worst join p75 <= 30 ms", worst_join <= TARGETS["grid_worst"]),
+        ("joins: every clip keeps >= 95 % of its bars", min(r.kept for r in joined) >= 0.95),
+    ]
