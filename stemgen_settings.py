@@ -71,9 +71,18 @@ class Settings(BaseSettings):
     #: Threads of a worker process (Celery threads pool); each runs one stem task, and the stem
     #: tasks of a worker share one model and one batcher. At least batch_max_size.
     worker_concurrency: int = Field(default=4, ge=1, le=256)
-    #: Intra-op threads torch uses while generating (torch.set_num_threads); 0: torch's default
-    #: (all cores the process sees). Set it to the container's CPU limit on CPU workers.
+    #: Intra-op threads torch uses while generating (torch.set_num_threads); 0: all cores the
+    #: process sees on CPU, 1 on CUDA (the GPU does the arithmetic; the host only launches work).
+    #: Set it to the container's CPU limit on CPU workers.
     torch_num_threads: int = Field(default=0, ge=0, le=1024)
+    #: How tokens are decoded (stems.decoding): "auto" (CUDA graphs on CUDA, audiocraft's eager
+    #: generate on CPU), "eager" (audiocraft, the reference), "exact" (static key/value cache,
+    #: bitwise the same tokens as eager), "static" (batch padded to a bucket, fixed shapes),
+    #: "graph" (static steps replayed as CUDA graphs captured at worker start; CUDA only).
+    engine_mode: Literal["auto", "eager", "exact", "static", "graph"] = "auto"
+    #: Language-model weights' dtype: "auto" (float16 on CUDA in the static/graph modes, else
+    #: float32), "float32", "float16", "bfloat16".
+    engine_precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     #: audiocraft's attention implementation: "torch" (PyTorch scaled_dot_product_attention, which
     #: picks flash/memory-efficient kernels on CUDA) or "xformers" (needs a working xformers build;
     #: CUDA only).
@@ -106,7 +115,9 @@ class Settings(BaseSettings):
     source_chroma_seconds: float = Field(default=30.0, gt=0, le=120)
 
     # --- request limits -------------------------------------------------------------------------
-    max_duration_seconds: float = 30.0
+    #: Longest stem a request may ask for (seconds). Beyond the model's window (30 s for the hub
+    #: MusicGens) audiocraft extends the clip window by window (docs/architecture.md#long-stems).
+    max_duration_seconds: float = 120.0
     max_request_bytes: int = 64 * 1024
     #: A body over MAX_REQUEST_BYTES is read and discarded up to this many bytes and seconds before
     #: the 413 is sent, so that clients which send the whole body first still see the answer.
@@ -159,8 +170,20 @@ class Settings(BaseSettings):
     #: Base of the status URLs returned to callers; empty = derived from the request.
     public_base_url: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Log lines: "text" (for a terminal) or "json" (one JSON object a line, with the job's ids;
+    #: stemgen_logging). Secrets are masked in both.
+    log_format: Literal["text", "json"] = "text"
+    #: GET /metrics on the gateway (Prometheus text format, needs an API key as every endpoint but
+    #: the probes does); false: no such route.
+    gateway_metrics_enabled: bool = True
+    #: Port on which a worker serves its Prometheus metrics (0: none), and the address it binds.
+    worker_metrics_port: int = Field(default=9100, ge=0, le=65535)
+    worker_metrics_addr: str = "0.0.0.0"
     #: Seconds /health waits for worker replies.
     health_worker_timeout_seconds: float = 1.0
+    #: GET /jobs/<id>/events sends a comment line this often while no event comes, so that
+    #: proxies and load balancers keep the stream open and a vanished client is noticed.
+    events_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
 
     generation_margin_seconds: float = Field(
         default=1.0,

@@ -11,7 +11,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from stems.batching import StemBatcher
-from stems.engine import StemEngine
+from stems.decoding import batch_buckets
+from stems.engine import StemEngine, resolve_device
 
 if TYPE_CHECKING:  # loaded on first use: demucs is imported only by workers that separate
     from stems.separation import Separator
@@ -23,9 +24,11 @@ _lock = threading.Lock()
 
 
 def get_engine(model: str, device: str = "auto", *, num_threads: int | None = None,
-               attention_backend: str = "torch") -> StemEngine:
+               attention_backend: str = "torch", mode: str = "auto", precision: str = "auto",
+               buckets: tuple[int, ...] | None = None) -> StemEngine:
     """The process's engine for (model, device), loaded on first use with the given torch thread
-    count (None: torch's default) and attention backend (see stems.engine.StemEngine).
+    count (None: all cores on CPU, 1 on CUDA), attention backend, decoding mode, precision and
+    batch buckets (see stems.engine.StemEngine).
 
     Raises:
         stems.engine.ModelLoadError.
@@ -34,22 +37,30 @@ def get_engine(model: str, device: str = "auto", *, num_threads: int | None = No
     with _lock:
         engine = _engines.get(key)
         if engine is None:
+            if num_threads is None and resolve_device(device).startswith("cuda"):
+                num_threads = 1
             engine = _engines[key] = StemEngine(model, device, num_threads=num_threads,
-                                                attention_backend=attention_backend)
+                                                attention_backend=attention_backend, mode=mode,
+                                                precision=precision, buckets=buckets)
         return engine
 
 
+
 def engine_for(settings) -> StemEngine:
-    """The process's engine for the model, device, thread count and attention backend of
-    ``settings``."""
+    """The process's engine for the model, device, thread count, attention backend, decoding
+    mode and precision of ``settings``."""
     return get_engine(settings.musicgen_model, settings.stemgen_device,
                       num_threads=settings.torch_num_threads or None,
-                      attention_backend=settings.attention_backend)
+                      attention_backend=settings.attention_backend, mode=settings.engine_mode,
+                      precision=settings.engine_precision,
+                      buckets=batch_buckets(settings.batch_max_size))
 
 
 def loaded() -> list[dict]:
     """What this process has loaded (for health reports)."""
-    return [{"model": m, "device": e.device, "melody": e.supports_melody}
+    return [{"model": m, "device": e.device, "melody": e.supports_melody, "mode": e.mode,
+             "precision": e.precision, "warm_up_capture_seconds": e.capture_seconds,
+             "decoder_fallbacks": e.decoder.stats.fallbacks if e.decoder else None}
             for (m, _), e in _engines.items()]
 
 

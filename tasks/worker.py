@@ -7,20 +7,33 @@
 - ``OutboxDispatch`` bootstep: the worker runs the outbox dispatcher (tasks.dispatcher) on a thread
   while it runs (unless ``DISPATCHER_ENABLED=false``), so every deployment with a worker dispatches.
 - ``stemgen_info`` remote-control command: the worker's model and device, for ``GET /health``.
+- Logging (stemgen_logging, ``LOG_FORMAT``) instead of Celery's, each task's run a log scope with
+  its job's ids (``task_prerun``/``task_postrun``); Prometheus metrics (tasks.metrics) on
+  ``WORKER_METRICS_PORT``, with the model's load time, queue waits and task runs.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
 
 from celery import bootsteps
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    before_task_publish,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+)
 from celery.worker.control import inspect_command
 
-from stems.engine import resolve_device
+import stemgen_logging
+from stems.engine import SamplingParams, resolve_device
 from stems.render import warm_up as render_warm_up
+from tasks import metrics
 from tasks.app import app
 from tasks.dispatcher import DispatcherThread, OutboxDispatcher
 from tasks.model_cache import engine_for, loaded
@@ -34,12 +47,96 @@ def _load_model() -> None:
     settings = app.stemgen_settings
     if not settings.preload_model:
         return
-    engine = engine_for(settings)
-    engine.warm_up()
     started = time.perf_counter()
+    engine = engine_for(settings)
+    load_seconds = time.perf_counter() - started
+    # graph mode captures every bucket up to the batcher's largest batch here, not on a request
+    sampling = SamplingParams(top_k=settings.default_top_k, top_p=settings.default_top_p,
+                              temperature=settings.default_temperature,
+                              cfg_coef=settings.default_cfg_coef)
+    captured = engine.warm_up(batch_size=settings.batch_max_size if engine.mode == "graph" else 1,
+                              sampling=sampling)
+    render_started = time.perf_counter()
     render_warm_up(engine.sample_rate)
-    log.info("worker process %s: %s loaded on %s (render warm-up %.1fs)", os.getpid(),
-             settings.musicgen_model, engine.device, time.perf_counter() - started)
+    metrics.model_loaded(settings.musicgen_model, str(engine.device), load_seconds,
+                         time.perf_counter() - started - load_seconds)
+    log.info("worker process %s: %s loaded on %s, %s decoding in %s (CUDA graph capture %.1fs, "
+             "render warm-up %.1fs)", os.getpid(), settings.musicgen_model, engine.device,
+             engine.mode, engine.precision, captured, time.perf_counter() - render_started)
+
+
+@setup_logging.connect
+def _setup_logging(**_):
+    """stemgen's log format (LOG_FORMAT, LOG_LEVEL) instead of Celery's (stemgen_logging)."""
+    stemgen_logging.configure_logging(app.stemgen_settings, "worker")
+
+
+@worker_init.connect
+def _observe(sender=None, **_):
+    # worker_init comes before Celery's setup_logging: log the model's loading in our format too
+    _setup_logging()
+    settings = app.stemgen_settings
+    metrics.start_server(settings)
+    metrics.register_cuda_memory(resolve_device(settings.stemgen_device))
+
+
+#: Message header carrying the publisher's job ids (job_id, generation_request_id) to the task.
+LOG_CONTEXT_HEADER = "stemgen_log_context"
+
+
+@before_task_publish.connect
+def _stamp(headers=None, **_):
+    """Stamp each message this process publishes with its time (queue wait, tasks.metrics) and the
+    job ids of the scope publishing it (a chord's finalize, a delivery, a retry), so that a task
+    whose arguments lack the generation_request_id still logs it from its first line."""
+    if headers is None:
+        return
+    metrics.stamp_sent_at(headers=headers)
+    context = stemgen_logging.current_context()
+    ids = {key: context[key] for key in ("job_id", "generation_request_id") if key in context}
+    if ids:
+        headers[LOG_CONTEXT_HEADER] = ids
+
+
+#: Open log scopes of the running tasks (task id → (token, start)).
+_task_scopes: dict[str, tuple] = {}
+
+
+def _task_fields(task, args, kwargs) -> dict:
+    """The job's ids in a stemgen task's arguments (job_id, stem or stems, request)."""
+    try:
+        bound = inspect.signature(task.run).bind_partial(*(args or ()), **(kwargs or {})).arguments
+    except (TypeError, ValueError):
+        return {}
+    request = bound.get("request")
+    stems = bound.get("stems")
+    return {"job_id": bound.get("job_id") if isinstance(bound.get("job_id"), str) else None,
+            "stem": bound.get("stem") or (",".join(stems) if isinstance(stems, list) else None),
+            "generation_request_id": (request.get("generation_request_id")
+                                      if isinstance(request, dict) else None)}
+
+
+@task_prerun.connect
+def _task_started(task_id=None, task=None, args=None, kwargs=None, **_):
+    fields = _task_fields(task, args, kwargs)
+    carried = task.request.get(LOG_CONTEXT_HEADER)
+    if isinstance(carried, dict) and fields.get("job_id") and carried.get("job_id") == fields["job_id"]:
+        fields["generation_request_id"] = (fields.get("generation_request_id")
+                                           or carried.get("generation_request_id"))
+    token = stemgen_logging.scope(task=task.name, task_id=task_id, **fields)
+    _task_scopes[task_id] = (token, time.perf_counter())
+    wait = metrics.task_started(task)
+    log.info("task %s started%s", task.name, "" if wait is None else f" after {wait:.3f}s in the queue")
+
+
+@task_postrun.connect
+def _task_finished(task_id=None, task=None, state=None, **_):
+    token, started = _task_scopes.pop(task_id, (None, None))
+    if started is not None:
+        seconds = time.perf_counter() - started
+        metrics.task_finished(task.name, state, seconds)
+        log.info("task %s finished: %s in %.3fs", task.name, state, seconds)
+    stemgen_logging.end_scope(token)
 
 
 @worker_init.connect
@@ -86,12 +183,14 @@ app.steps["worker"].add(OutboxDispatch)
 @inspect_command(name="stemgen_info")
 def stemgen_info(state):
     """Model and device of this worker (remote control: ``app.control.broadcast('stemgen_info')``),
-    whether its model is melody-conditioned (chroma conditioning, once loaded) and the Demucs
+    whether its model is melody-conditioned (chroma conditioning, once loaded), how it decodes
+    (engine mode, precision, CUDA-graph capture seconds, static-decoder fallbacks) and the Demucs
     model ensemble requests are separated with."""
     settings = app.stemgen_settings
     info = {"model": settings.musicgen_model, "device": resolve_device(settings.stemgen_device),
             "separation_model": settings.separation_model}
     for engine in loaded():
         if engine["model"] == settings.musicgen_model:
-            info["melody"] = engine["melody"]
+            info.update({k: engine[k] for k in ("melody", "mode", "precision",
+                                                "warm_up_capture_seconds", "decoder_fallbacks")})
     return info

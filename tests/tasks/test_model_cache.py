@@ -1,5 +1,6 @@
 """The worker's model cache builds its engine from the settings: model, device, torch thread count,
-attention backend (StemEngine itself is faked: loading is tested in tests/stems)."""
+attention backend, decoding mode, precision and batch buckets (StemEngine itself is faked:
+loading is tested in tests/stems)."""
 
 import pytest
 
@@ -20,17 +21,28 @@ def built(monkeypatch):
     return calls
 
 
-def test_engine_gets_thread_count_and_attention_backend(built):
+def test_engine_gets_thread_count_attention_backend_and_decoding(built):
     settings = load_settings(musicgen_model="tiny", stemgen_device="cpu", torch_num_threads=3,
-                             attention_backend="xformers")
+                             attention_backend="xformers", engine_mode="exact",
+                             engine_precision="bfloat16", batch_max_size=24)
     engine = model_cache.engine_for(settings)
-    assert built == [("tiny", "cpu", {"num_threads": 3, "attention_backend": "xformers"})]
+    assert built == [("tiny", "cpu", {"num_threads": 3, "attention_backend": "xformers",
+                                      "mode": "exact", "precision": "bfloat16",
+                                      "buckets": (1, 2, 4, 8, 16, 24)})]
     assert model_cache.engine_for(settings) is engine  # loaded once per process
 
 
-def test_zero_threads_leaves_torch_its_default(built):
+def test_zero_threads_leaves_torch_its_default_on_cpu_and_one_thread_on_cuda(built):
     model_cache.engine_for(load_settings(musicgen_model="tiny", stemgen_device="cpu"))
-    assert built[0][2] == {"num_threads": None, "attention_backend": "torch"}
+    assert built[0][2] == {"num_threads": None, "attention_backend": "torch", "mode": "auto",
+                           "precision": "auto", "buckets": (1, 2, 4)}
+    model_cache.engine_for(load_settings(musicgen_model="tiny", stemgen_device="cuda"))
+    assert built[1][2]["num_threads"] == 1
+
+
+def test_unknown_engine_mode_is_refused():
+    with pytest.raises(ValueError):
+        load_settings(engine_mode="fast")
 
 
 def test_unknown_attention_backend_is_refused():
