@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     #: Language-model weights' dtype: "auto" (float16 on CUDA in the static/graph modes, else
     #: float32), "float32", "float16", "bfloat16".
     engine_precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    #: How often (seconds) a generating stem task looks whether its job was cancelled
+    #: (DELETE /jobs/<id>); the batch drops the row at its next decoding step after that.
+    cancel_poll_seconds: float = Field(default=0.5, gt=0, le=10)
     #: audiocraft's attention implementation: "torch" (PyTorch scaled_dot_product_attention, which
     #: picks flash/memory-efficient kernels on CUDA) or "xformers" (needs a working xformers build;
     #: CUDA only).

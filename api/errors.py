@@ -9,7 +9,7 @@ from flask import Flask, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tasks.jobstore import IdempotencyConflict, JobNotFound
+from tasks.jobstore import IdempotencyConflict, JobFinished, JobNotFound
 from tasks.service import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,12 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(409, "idempotency_conflict", str(exc),
                               [{"field": "generation_request_id", "message": str(exc),
                                 "type": "conflict"}])
+
+    @app.errorhandler(JobFinished)
+    def _finished(exc: JobFinished):
+        return error_response(409, "job_finished", str(exc),
+                              [{"field": "job_id", "message": f"the job is {exc.state}",
+                                "type": "job_finished"}])
 
     @app.errorhandler(JobNotFound)
     def _not_found(exc: JobNotFound):

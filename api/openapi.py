@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from pydantic.json_schema import models_json_schema
 
 from api.schemas import (
@@ -15,6 +17,7 @@ from api.schemas import (
     JobAccepted,
     JobEventData,
     JobList,
+    JobState,
     JobStatus,
     StemEventData,
 )
@@ -82,7 +85,7 @@ def build_openapi(settings) -> dict:
                     {"name": "status", "in": "query", "required": False,
                      "description": "Only jobs in this state.",
                      "schema": {"type": "string",
-                                "enum": ["queued", "running", "completed", "failed", "partial"]}},
+                                "enum": list(get_args(JobState))}},
                     {"name": "generation_request_id", "in": "query", "required": False,
                      "description": "Only the job of this generation_request_id.",
                      "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN}},
@@ -108,6 +111,18 @@ def build_openapi(settings) -> dict:
                               "404": err("No such job."),
                               "401": unauthorized,
                               "503": unavailable},
+            }, "delete": {
+                "operationId": "cancelJob",
+                "summary": "Cancel the job: a queued stem never starts, a running one stops within "
+                           "about a second, finished stems stay stored; the job ends `cancelled` "
+                           "and its callback is sent once with that status. Idempotent.",
+                "parameters": [job_id],
+                "responses": {"202": _json(ref(JobStatus), "Cancellation requested (status "
+                                                           "`cancelling`)."),
+                              "404": err("No such job."),
+                              "409": err("The job already finished."),
+                              "401": unauthorized,
+                              "503": unavailable},
             }},
             "/jobs/{job_id}/events": {"get": {
                 "operationId": "jobEvents",
@@ -121,7 +136,7 @@ def build_openapi(settings) -> dict:
                     f"both: {ref(StemEventData)}). The stream starts with the job's stored events "
                     "(after Last-Event-ID when given), sends a comment line every "
                     "EVENTS_HEARTBEAT_SECONDS (15) while idle, and ends after the `job` event of "
-                    "a final status (completed, partial, failed)."),
+                    "a final status (completed, partial, failed, cancelled)."),
                 "parameters": [
                     job_id,
                     {"name": "Last-Event-ID", "in": "header", "required": False,

@@ -114,10 +114,9 @@ def generate():
         callback_url = settings.default_callback_url or None
     if parsed.parameters.source_audio_url:
         _check_outbound_url(str(parsed.parameters.source_audio_url), "parameters.source_audio_url")
-    service = _service()
     # The key's identifier goes with the job (GET /jobs lists a caller's own jobs).
-    owner = {"owner": caller_key_id()} if getattr(service, "records_owner", False) else {}
-    submission = service.submit(parsed.model_dump(mode="json"), callback_url, **owner)
+    submission = _service().submit(parsed.model_dump(mode="json"), callback_url,
+                                   owner=caller_key_id())
     body = JobAccepted(job_id=submission.job_id, generation_request_id=parsed.generation_request_id,
                        status=submission.status, status_url=_status_url(submission.job_id),
                        stems=parsed.target_stems)
@@ -153,6 +152,16 @@ def job_status(job_id: str):
     _check_job_id(job_id)
     job = _service().get(job_id)
     return jsonify(JobStatus.model_validate(job).model_dump(mode="json"))
+
+
+@jobs_bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    """Cancel the job (202 with its state, ``cancelling``); 409 once it has finished."""
+    _check_job_id(job_id)
+    job = _service().cancel(job_id)
+    response = jsonify(JobStatus.model_validate(job).model_dump(mode="json"))
+    response.status_code = 202
+    return response
 
 
 @jobs_bp.get("/jobs/<job_id>/events")

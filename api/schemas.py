@@ -10,8 +10,8 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, f
 from stems.plan import PlanError, parse_chord, parse_key
 
 StemName = Literal["guitar", "bass", "drums"]
-JobState = Literal["queued", "running", "completed", "failed", "partial"]
-StemState = Literal["queued", "running", "completed", "failed"]
+JobState = Literal["queued", "running", "cancelling", "completed", "failed", "partial", "cancelled"]
+StemState = Literal["queued", "running", "completed", "failed", "cancelled"]
 DeliveryState = Literal["none", "pending", "delivering", "delivered", "failed"]
 
 #: generation_request_id becomes part of blob names and Redis keys: keep it to a safe alphabet.
@@ -219,6 +219,9 @@ class JobStatus(BaseModel):
         None, description="Once finished: each harmonic stem's estimated key against the plan "
                           "(and the source), and the per-bar chroma fit with the plan's chords.")
     error: Optional[str] = Field(None, description="Why the job failed, once finished.")
+    cancel_requested_at: Optional[float] = Field(
+        None, description="Unix time of the first DELETE /jobs/{job_id}; the job is then "
+                          "`cancelling` until it ends `cancelled`.")
 
 
 #: GET /jobs page sizes.
@@ -276,7 +279,8 @@ class JobList(BaseModel):
 
 class JobEventData(BaseModel):
     """``data`` of an ``event: job`` (Server-Sent Events of GET /jobs/{job_id}/events): the job's
-    status changed. The event with a final status (completed, partial, failed) is the last."""
+    status changed. The event with a final status (completed, partial, failed, cancelled) is the
+    last."""
 
     job_id: str
     status: JobState
@@ -306,7 +310,7 @@ class CallbackBody(BaseModel):
     job_id: str
     generation_request_id: str
     audio_file_id: Optional[str]
-    status: Literal["completed", "failed", "partial"]
+    status: Literal["completed", "failed", "partial", "cancelled"]
     stems: list[StemResult]
     error: Optional[str]
     plan: Optional[MusicalPlanModel] = None

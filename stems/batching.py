@@ -18,7 +18,8 @@ Policy of a round (measured by ``python -m bench.batching``):
    ends early once one compatible group fills ``max_batch`` (the largest batch bucket of the
    engine's static decoder, so a full bucket never waits);
 2. everything queued by then joins the round (up to ``round_limit`` requests), without more waiting;
-3. groups of compatible requests are cut into calls of at most ``max_batch`` clips;
+3. groups of compatible requests are put in a canonical row order (by prompt, then duration)
+   and cut into calls of at most ``max_batch`` clips;
 4. calls run shortest duration first (``order="shortest"``; ``"arrival"`` runs them in arrival
    order): a 5 s stem queued beside 30 s stems is not held behind them. A long call still runs
    within the round it was collected in, so a stream of short requests cannot starve it; requests
@@ -174,6 +175,11 @@ class StemBatcher:
         groups: dict[tuple, list[_Pending]] = {}
         for item in items:
             groups.setdefault(self._key(item), []).append(item)
+        for group in groups.values():
+            # Rows in a canonical order, not arrival order: a row's random draws depend on its
+            # place in the batch, so the same requests make the same clips however their task
+            # threads happened to race.
+            group.sort(key=lambda item: (item.prompt, item.duration_seconds))
         calls = [group[i:i + self.max_batch] for group in groups.values()
                  for i in range(0, len(group), self.max_batch)]
         if self.order == "shortest":

@@ -58,11 +58,11 @@ from redis.retry import Retry
 
 from tasks import redis_connection
 
-STEM_STATES = ("queued", "running", "completed", "failed")
-JOB_STATES = ("queued", "running", "completed", "failed", "partial")
+STEM_STATES = ("queued", "running", "completed", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "cancelling", "completed", "failed", "partial", "cancelled")
 DELIVERY_STATES = ("none", "pending", "delivering", "delivered", "failed")
 #: Job states after which nothing changes but the callback's delivery (the event stream ends).
-FINAL_JOB_STATES = frozenset({"completed", "failed", "partial"})
+FINAL_JOB_STATES = frozenset({"completed", "failed", "partial", "cancelled"})
 
 #: Most events kept per job stream (approximate trim). A job writes about 2 + 52 per stem (progress
 #: is stored at most every 2 %), so a three-stem job fits with room for a redelivered task.
@@ -185,6 +185,19 @@ emit(ARGV[5], ARGV[6], ARGV[7])
 return 1
 """
 
+# KEYS: job key, its event stream. ARGV: now, events maxlen, the "cancelling" job event's data.
+# -1: no such job; 0: the job is finished (nothing changes); 1: cancellation requested (now, or
+# already before: the state and event are written once).
+_CANCEL = _EMIT + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'cancelling', 'updated_at', ARGV[1])
+  emit(ARGV[2], 'job', ARGV[3])
+end
+return 1
+"""
+
 # KEYS: lock key. ARGV: token. Deletes the lock only when this token still holds it.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -194,6 +207,15 @@ return 0
 
 class JobNotFound(KeyError):
     """No job with that id (never existed, or expired)."""
+
+
+class JobFinished(Exception):
+    """The job reached a final state before it could be cancelled."""
+
+    def __init__(self, job_id: str, state: str):
+        super().__init__(f"job {job_id} already finished ({state})")
+        self.job_id = job_id
+        self.state = state
 
 
 class IdempotencyConflict(ValueError):
@@ -424,6 +446,7 @@ class JobStore:
         self._schedule = self._redis.register_script(_SCHEDULE)
         self._dispatched = self._redis.register_script(_DISPATCHED)
         self._update_stem = self._redis.register_script(_UPDATE_STEM)
+        self._cancel = self._redis.register_script(_CANCEL)
 
     # --- keys -------------------------------------------------------------------------------------
     @staticmethod
@@ -559,6 +582,28 @@ class JobStore:
                                 "1" if status == "running" else "0", EVENTS_MAXLEN, kind, event,
                                 _event_data(job_id=job_id, status="running")])
 
+    def request_cancel(self, job_id: str) -> None:
+        """Ask for the job to stop: its state becomes ``cancelling`` (with a "job" event) and its
+        stem tasks see ``cancel_requested``: a queued stem never starts, a running one stops at
+        the batch's next decoding step, finished stems stay stored; finalize then records
+        ``cancelled``. Asking again changes nothing.
+
+        Raises:
+            JobNotFound: no such job.
+            JobFinished: the job already has a final state.
+        """
+        answer = self._cancel(keys=[self._job_key(job_id), self._events_key(job_id)],
+                              args=[repr(time.time()), EVENTS_MAXLEN,
+                                    _event_data(job_id=job_id, status="cancelling")])
+        if answer == -1:
+            raise JobNotFound(job_id)
+        if answer == 0:
+            raise JobFinished(job_id, self._redis.hget(self._job_key(job_id), "state") or "finished")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True once ``request_cancel`` was called for the job."""
+        return bool(self._redis.hexists(self._job_key(job_id), "cancel_requested_at"))
+
     def claim_plan(self, job_id: str, plan: dict) -> dict:
         """Record the job's plan unless one is recorded already; return the recorded one.
 
@@ -689,6 +734,8 @@ class JobStore:
             "delivery_enqueued": raw.get("delivery_enqueued") == "1",
             "callback_payload": payload,
             "plan": json.loads(raw["plan"]) if raw.get("plan") else None,
+            "cancel_requested_at": (float(raw["cancel_requested_at"])
+                                    if raw.get("cancel_requested_at") else None),
             "coherence": (payload or {}).get("coherence"),
             "error": (payload or {}).get("error"),
         }

@@ -37,10 +37,6 @@ class JobService:
         settings: the service settings (broker, result backend, storage, limits).
     """
 
-    #: ``submit`` records the submitting key's identifier (``owner``) for ``list_jobs``; the
-    #: gateway passes it to services that say so (test doubles of this class may not).
-    records_owner = True
-
     def __init__(self, settings: Settings):
         self.settings = settings
         self.jobs = JobStore(settings.result_backend, settings.job_ttl_seconds)
@@ -79,6 +75,19 @@ class JobService:
             tasks.jobstore.JobNotFound. ServiceUnavailable: the job store is unreachable.
         """
         try:
+            return self.jobs.get(job_id)
+        except _UNREACHABLE as exc:
+            raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
+
+    def cancel(self, job_id: str) -> dict:
+        """Request the job's cancellation (JobStore.request_cancel) and return its record.
+
+        Raises:
+            tasks.jobstore.JobNotFound, tasks.jobstore.JobFinished. ServiceUnavailable: the job
+            store is unreachable.
+        """
+        try:
+            self.jobs.request_cancel(job_id)
             return self.jobs.get(job_id)
         except _UNREACHABLE as exc:
             raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc

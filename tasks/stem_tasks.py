@@ -9,7 +9,9 @@ Tasks hold no audio logic: they call stems/ (generate, render) and storage/ (upl
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 import stemgen_logging
 from stems.analysis import coherence, stem_analysis
+from stems.batching import GenerationCancelled
 from stems.engine import SamplingParams
 from stems.plan import MusicalPlan, parse_key
 from stems.prompts import HARMONIC_STEMS, build_ensemble_prompt, build_stem_prompt
@@ -63,12 +66,12 @@ class _ProgressReporter:
 
     def __init__(self, jobs: JobStore, job_id: str, stem: str, span: float):
         self._jobs, self._job_id, self._stem, self._span = jobs, job_id, stem, span
-        self._last = -1.0
+        self.last = -1.0  # the progress last written (-1: none yet)
 
     def __call__(self, fraction: float) -> None:
         value = fraction * self._span
-        if value - self._last >= 0.02 or fraction >= 1.0:
-            self._last = value
+        if value - self.last >= 0.02 or fraction >= 1.0:
+            self.last = value
             self._jobs.update_stem(self._job_id, self._stem, "running", value)
 
 
@@ -89,6 +92,36 @@ def _failed(jobs: JobStore, job_id: str, stem: str, error: str,
     metrics.stem_failed(stem, arrangement)
     jobs.update_stem(job_id, stem, "failed", 1.0, error=error)
     return result
+
+
+def _cancelled(jobs: JobStore, job_id: str, stem: str, progress: float = 0.0) -> dict:
+    """Record a stem that stopped (or never started) because its job was cancelled."""
+    log.info("stem %s of job %s cancelled", stem, job_id)
+    jobs.update_stem(job_id, stem, "cancelled", progress)
+    return {"stem": stem, "status": "cancelled"}
+
+
+@contextlib.contextmanager
+def _cancel_watch(jobs: JobStore, job_id: str, poll_seconds: float):
+    """An Event set once the job's cancellation is requested (DELETE /jobs/<id>), polled every
+    ``poll_seconds`` while the block runs; the batcher drops the row at its next decoding step."""
+    cancel, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_seconds):
+            try:
+                if jobs.cancel_requested(job_id):
+                    cancel.set()
+                    return
+            except Exception:  # a Redis hiccup: look again at the next poll
+                log.debug("cancel poll of job %s failed", job_id, exc_info=True)
+
+    watcher = threading.Thread(target=watch, name=f"cancel-watch-{job_id}", daemon=True)
+    watcher.start()
+    try:
+        yield cancel
+    finally:
+        done.set()
 
 
 def send_job_chord(job: dict) -> None:
@@ -199,10 +232,11 @@ def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[
                                     settings=settings)
     started = time.perf_counter()
     # Stems of one request (and compatible concurrent requests) share one MusicGen call.
-    audio = batcher.generate(
-        prompt, float(parameters["duration_seconds"]) + settings.generation_margin_seconds,
-        sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
-        progress=progress, conditioning=conditioning)
+    with _cancel_watch(jobs, job_id, settings.cancel_poll_seconds) as cancel:
+        audio = batcher.generate(
+            prompt, float(parameters["duration_seconds"]) + settings.generation_margin_seconds,
+            sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
+            progress=progress, conditioning=conditioning, cancel=cancel)
     seconds = time.perf_counter() - started
     metrics.generation_done(batcher, settings.musicgen_model,
                             "ensemble" if ensemble else "independent", seconds)
@@ -224,10 +258,16 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     parameters = request["parameters"]
     duration = float(parameters["duration_seconds"])
     try:
+        if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
+            return _cancelled(jobs, job_id, stem)
         jobs.count_run(job_id, stem)
         jobs.update_stem(job_id, stem, "running", 0.0)
-        made = _generate(settings, jobs, job_id, request, [stem], ensemble=False,
-                         progress=_ProgressReporter(jobs, job_id, stem, span=0.9))
+        reporter = _ProgressReporter(jobs, job_id, stem, span=0.9)
+        try:
+            made = _generate(settings, jobs, job_id, request, [stem], ensemble=False,
+                             progress=reporter)
+        except GenerationCancelled:
+            return _cancelled(jobs, job_id, stem, max(reporter.last, 0.0))
         rendered = render_stem(made.audio, made.sample_rate, bpm=made.plan.bpm,
                                duration_seconds=duration, beats_per_bar=settings.beats_per_bar,
                                loop=bool(parameters.get("loop", False)),
@@ -276,11 +316,17 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
     duration = float(parameters["duration_seconds"])
     results: dict[str, dict] = {}
     try:
+        if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
+            return [_cancelled(jobs, job_id, stem) for stem in stems]
         for stem in stems:
             jobs.count_run(job_id, stem)
             jobs.update_stem(job_id, stem, "running", 0.0)
         progress = _EnsembleProgress([_ProgressReporter(jobs, job_id, s, span=0.7) for s in stems])
-        made = _generate(settings, jobs, job_id, request, stems, ensemble=True, progress=progress)
+        try:
+            made = _generate(settings, jobs, job_id, request, stems, ensemble=True,
+                             progress=progress)
+        except GenerationCancelled:
+            return [_cancelled(jobs, job_id, stem) for stem in stems]
         rate = made.sample_rate
         conformed = conform_clip(made.audio, rate, bpm=made.plan.bpm, duration_seconds=duration,
                                  beats_per_bar=settings.beats_per_bar,
@@ -319,8 +365,11 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
         return [results.get(stem) or _failed(jobs, job_id, stem, error, "ensemble") for stem in stems]
 
 
-def job_state(results: list[dict]) -> str:
-    """completed (every stem), failed (none), partial (some)."""
+def job_state(results: list[dict], cancel_requested: bool = False) -> str:
+    """cancelled (the job's cancellation was requested, or a stem stopped for it: stems done by
+    then stay stored and reported), else completed (every stem), failed (none), partial (some)."""
+    if cancel_requested or any(r.get("status") == "cancelled" for r in results):
+        return "cancelled"
     done = sum(1 for r in results if r.get("status") == "completed")
     if done == len(results):
         return "completed"
@@ -348,7 +397,7 @@ def job_coherence(job: dict, results: list[dict]) -> dict | None:
 
 def callback_payload(job: dict, results: list[dict], state: str, coherence_report: dict | None = None) -> dict:
     """The body POSTed to the backend (documented in docs/api.md and the OpenAPI document)."""
-    errors = [f"{r['stem']}: {r['error']}" for r in results if r.get("status") != "completed"]
+    errors = [f"{r['stem']}: {r['error']}" for r in results if r.get("status") == "failed"]
     return {
         "event": "generation.finished",
         "job_id": job["job_id"],
@@ -375,7 +424,7 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
     job = jobs.get(job_id)
     stemgen_logging.bind(generation_request_id=job.get("generation_request_id"))
     results = flat_results(results)
-    state = job_state(results)
+    state = job_state(results, cancel_requested=job.get("cancel_requested_at") is not None)
     if not jobs.finish(job_id, state, callback_payload(job, results, state, job_coherence(job, results))):
         log.info("job %s was already finished; keeping its first result", job_id)
     else:

@@ -4,7 +4,7 @@ import pytest
 
 from api import create_app
 from stemgen_settings import load_settings
-from tasks.jobstore import IdempotencyConflict, JobNotFound, Submission
+from tasks.jobstore import IdempotencyConflict, JobFinished, JobNotFound, Submission
 from tasks.service import ComponentHealth
 
 
@@ -14,7 +14,7 @@ class FakeService:
         self.jobs = {}
         self.broker_ok = True
 
-    def submit(self, request, callback_url):
+    def submit(self, request, callback_url, owner=""):
         rid = request["generation_request_id"]
         for job_id, job in self.jobs.items():
             if job["generation_request_id"] == rid:
@@ -37,6 +37,13 @@ class FakeService:
         if job_id not in self.jobs:
             raise JobNotFound(job_id)
         return self.jobs[job_id]
+
+    def cancel(self, job_id):
+        job = self.get(job_id)
+        if job["status"] in ("completed", "failed", "partial", "cancelled"):
+            raise JobFinished(job_id, job["status"])
+        job["status"] = "cancelling"
+        return job
 
     def broker_health(self):
         return ComponentHealth(self.broker_ok, "" if self.broker_ok else "down")

@@ -196,3 +196,13 @@ def test_a_batch_whose_rows_are_all_cancelled_stops(engine):
         batcher.generate("y", 1.0, cancel=queued)
     assert batcher.stats().calls == 0
     assert batcher.generate("z", 0.2).shape == (1, 6400)  # the batcher goes on
+
+
+def test_rows_of_a_call_do_not_depend_on_arrival_order(engine):
+    from stems.batching import _Pending
+
+    batcher = StemBatcher(engine, max_batch=4, window_seconds=0.0)
+    items = [_Pending(p, 2.0, SamplingParams(), 5, None) for p in ("guitar", "bass", "drums")]
+    forward = [[i.prompt for i in call] for call in batcher.plan_round(items)]
+    backward = [[i.prompt for i in call] for call in batcher.plan_round(items[::-1])]
+    assert forward == backward == [["bass", "drums", "guitar"]]
