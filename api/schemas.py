@@ -18,6 +18,57 @@ DeliveryState = Literal["none", "pending", "delivering", "delivered", "failed"]
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
+class OutputFormat(BaseModel):
+    """``parameters.output``: the delivered files' format (every stem of the request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["wav", "flac", "mp3"] = Field(
+        "wav", description="wav (RIFF, PCM), flac (lossless, PCM) or mp3 (MPEG-1 Layer III, "
+                           "constant bitrate, LAME tag with the encoder delay for gapless decoders).")
+    sample_rate: Literal[32000, 44100, 48000] = Field(
+        48000, description="Hz. MusicGen generates 32 kHz; other rates are resampled with soxr "
+                           "(very high quality).")
+    bit_depth: Optional[Literal[16, 24]] = Field(
+        None, validate_default=True,
+        description="PCM bits per sample, wav and flac only; default 24. Refused for mp3.")
+    channels: Optional[Literal[1, 2]] = Field(
+        None, description="1 or 2; default: the worker's model's own (stereo from a "
+                          "musicgen-stereo-* model, else mono). 2 from a mono model copies the "
+                          "channel (channels_source \"duplicated\" and a warning); 1 from a stereo "
+                          "model averages the two (\"downmixed\").")
+    bitrate_kbps: Optional[Literal[128, 160, 192, 224, 256, 320]] = Field(
+        None, validate_default=True,
+        description="mp3 only, constant bitrate in kbps; default 320. Refused for wav and flac.")
+
+    @field_validator("sample_rate", "bit_depth", "channels", "bitrate_kbps", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        if isinstance(value, bool):  # JSON true would otherwise pass as 1
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("bit_depth")
+    @classmethod
+    def _bit_depth_of_pcm(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        fmt = info.data.get("format")
+        if fmt == "mp3":
+            if value is not None:
+                raise ValueError("does not apply to mp3 (a lossy format; use bitrate_kbps)")
+            return None
+        return 24 if value is None else value
+
+    @field_validator("bitrate_kbps")
+    @classmethod
+    def _bitrate_of_mp3(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        fmt = info.data.get("format")
+        if fmt in ("wav", "flac"):
+            if value is not None:
+                raise ValueError(f"applies to mp3 only, not {fmt}")
+            return None
+        return 320 if value is None and fmt == "mp3" else value
+
+
 class GenerationParameters(BaseModel):
     """What to generate. BPM in beats per minute, durations in seconds."""
 
@@ -59,6 +110,11 @@ class GenerationParameters(BaseModel):
     top_p: Optional[float] = Field(None, ge=0, le=1)
     cfg_coef: Optional[float] = Field(None, ge=0, le=20, description="Classifier-free guidance.")
     loop: bool = Field(False, description="Make each stem loop seamlessly (end joins start).")
+    output: OutputFormat = Field(
+        default_factory=OutputFormat,
+        description="Format of the stem files; default 24-bit WAV at 48 kHz with the model's "
+                    "channels. Loudness (-14 LUFS) and the true-peak ceiling (-1 dBTP) are "
+                    "measured on the encoded file.")
 
     @field_validator("target_bpm", mode="after")
     @classmethod
@@ -161,8 +217,17 @@ class StemResult(BaseModel):
     blob_name: Optional[str] = None
     duration_seconds: Optional[float] = None
     bpm: Optional[float] = None
-    sample_rate: Optional[int] = None
-    format: Optional[str] = None
+    sample_rate: Optional[int] = Field(None, description="Hz, as parameters.output asked.")
+    format: Optional[Literal["wav", "flac", "mp3"]] = None
+    content_type: Optional[str] = Field(
+        None, description="The blob's Content-Type: audio/wav, audio/flac or audio/mpeg.")
+    bit_depth: Optional[int] = Field(None, description="wav and flac: PCM bits per sample.")
+    bitrate_kbps: Optional[int] = Field(None, description="mp3: constant bitrate, kbps.")
+    channels: Optional[int] = None
+    channels_source: Optional[Literal["model", "duplicated", "downmixed"]] = Field(
+        None, description='"model": the model\'s own channels; "duplicated": a mono model\'s '
+                          'channel in both (with a warning); "downmixed": a stereo model\'s '
+                          "channels averaged.")
     tempo: Optional[TempoReport] = None
     loudness: Optional[LoudnessReportModel] = None
     analysis: Optional[dict] = Field(

@@ -117,9 +117,14 @@ def _limiter_gain(x: np.ndarray, sample_rate: int, ceiling: float) -> np.ndarray
 
 
 def normalize_loudness(audio: np.ndarray, sample_rate: int, *, target_lufs: float = -14.0,
-                       max_true_peak_dbtp: float = -1.0) -> tuple[np.ndarray, LoudnessReport]:
+                       max_true_peak_dbtp: float = -1.0,
+                       max_limiting_db: float = MAX_LIMITING_DB) -> tuple[np.ndarray, LoudnessReport]:
     """Normalise ``audio`` [channels, samples] (float, any sample rate in Hz) to ``target_lufs``
     integrated loudness (BS.1770-4) with true peak <= ``max_true_peak_dbtp`` dBTP.
+
+    ``max_limiting_db`` bounds the peak limiting spent on reaching the target (MAX_LIMITING_DB);
+    stems.render raises it by the headroom it takes below the ceiling for a lossy codec, so the
+    codec's headroom costs limiting rather than loudness.
 
     Silence and audio shorter than 0.4 s (too short for BS.1770 gating) are returned unchanged
     (gain 0 dB); the report then has ``integrated_lufs=None`` and the measured true peak.
@@ -130,8 +135,9 @@ def normalize_loudness(audio: np.ndarray, sample_rate: int, *, target_lufs: floa
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate!r}")
-    if not (math.isfinite(target_lufs) and math.isfinite(max_true_peak_dbtp)):
-        raise ValueError("target_lufs and max_true_peak_dbtp must be finite")
+    if not (math.isfinite(target_lufs) and math.isfinite(max_true_peak_dbtp)
+            and math.isfinite(max_limiting_db) and max_limiting_db >= 0):
+        raise ValueError("target_lufs, max_true_peak_dbtp and max_limiting_db (>= 0) must be finite")
     x = _as_channels(audio)
     squeeze = np.asarray(audio).ndim == 1
     ceiling = 10.0 ** (max_true_peak_dbtp / 20.0)
@@ -144,7 +150,7 @@ def normalize_loudness(audio: np.ndarray, sample_rate: int, *, target_lufs: floa
     peak_db = true_peak_dbtp(x, sample_rate)
     # Limiting deeper than this squashes drum transients audibly; past it the output stays
     # below the loudness target (and the report says so) rather than being crushed.
-    gain_cap = max_true_peak_dbtp + MAX_LIMITING_DB - peak_db
+    gain_cap = max_true_peak_dbtp + max_limiting_db - peak_db
 
     def limited(gain_db: float) -> tuple[np.ndarray, float, float]:
         y = x * 10.0 ** (gain_db / 20.0)

@@ -56,7 +56,8 @@ class StoredBlob:
 
 
 def blob_name_for(generation_request_id: str, stem: str, extension: str = "wav") -> str:
-    """Blob name of one stem: ``{generation_request_id}/{stem}.{extension}``."""
+    """Blob name of one stem: ``{generation_request_id}/{stem}.{extension}``; the extension is
+    the file's format (wav, flac or mp3: parameters.output)."""
     return f"{generation_request_id}/{stem}.{extension}"
 
 

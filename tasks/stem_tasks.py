@@ -22,6 +22,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 import stemgen_logging
 from stems.analysis import coherence, stem_analysis
+from stems.audio import OutputSpec
 from stems.batching import GenerationCancelled
 from stems.engine import SamplingParams
 from stems.plan import MusicalPlan, parse_key
@@ -160,19 +161,26 @@ def _source(request: dict, settings):
 
 def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str, rendered,
                 plan: MusicalPlan, **extra) -> dict:
-    """Upload a rendered stem, analyse it against the plan, record it completed; its result."""
-    blob_name = blob_name_for(request["generation_request_id"], stem)
+    """Upload a rendered stem, analyse it against the plan, record it completed; its result.
+    The blob's extension and content type, and the result's format fields, are the rendered
+    file's (parameters.output)."""
+    blob_name = blob_name_for(request["generation_request_id"], stem, rendered.extension)
     stored = store_from_settings(settings).upload(
         blob_name, rendered.data, content_type=rendered.content_type,
-        metadata={"stem": stem, "bpm": f"{plan.bpm:g}",
+        metadata={"stem": stem, "bpm": f"{plan.bpm:g}", "format": rendered.extension,
+                  "sample_rate": str(rendered.sample_rate),
                   "duration_seconds": f"{rendered.duration_seconds:.6f}",
                   "key": plan.key.name, "model": settings.musicgen_model,
                   "generation_request_id": request["generation_request_id"]})
     analysis = stem_analysis(rendered.audio, rendered.sample_rate, plan,
                              harmonic=stem in HARMONIC_STEMS)
+    metadata = rendered.metadata()
+    warnings = list(extra.pop("warnings", None) or []) + metadata.pop("warnings", [])
     result = {"stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
               "bpm": plan.bpm, "model": settings.musicgen_model, **extra,
-              **rendered.metadata(), "analysis": analysis}
+              **metadata, "analysis": analysis}
+    if warnings or "silent" in extra:  # (an ensemble stem always lists its warnings)
+        result["warnings"] = warnings
     details = {k: v for k, v in result.items() if k not in ("stem", "status")}
     jobs.update_stem(job_id, stem, "completed", 1.0, **details)
     metrics.stem_completed(stem, extra.get("arrangement", "independent"), rendered.duration_seconds)
@@ -260,6 +268,7 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     try:
         if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
             return _cancelled(jobs, job_id, stem)
+        output = OutputSpec.from_dict(parameters.get("output"))
         jobs.count_run(job_id, stem)
         jobs.update_stem(job_id, stem, "running", 0.0)
         reporter = _ProgressReporter(jobs, job_id, stem, span=0.9)
@@ -272,7 +281,7 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
                                duration_seconds=duration, beats_per_bar=settings.beats_per_bar,
                                loop=bool(parameters.get("loop", False)),
                                target_lufs=settings.target_lufs,
-                               max_true_peak_dbtp=settings.max_true_peak_dbtp)
+                               max_true_peak_dbtp=settings.max_true_peak_dbtp, output=output)
         jobs.update_stem(job_id, stem, "running", 0.95)
         return _store_stem(settings, jobs, job_id, request, stem, rendered, made.plan,
                            device=made.device, prompt=made.prompt, conditioning=made.conditioning,
@@ -318,6 +327,7 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
     try:
         if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
             return [_cancelled(jobs, job_id, stem) for stem in stems]
+        output = OutputSpec.from_dict(parameters.get("output"))
         for stem in stems:
             jobs.count_run(job_id, stem)
             jobs.update_stem(job_id, stem, "running", 0.0)
@@ -342,7 +352,8 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
             rendered = finish_stem(parts[stem], rate, conformed.analysis,
                                    target_lufs=settings.target_lufs,
                                    max_true_peak_dbtp=settings.max_true_peak_dbtp,
-                                   normalise=not silent)
+                                   normalise=not silent, output=output,
+                                   loop=bool(parameters.get("loop", False)))
             warnings = ([f"nearly silent after separation: {level_db:.1f} dB relative to the mix "
                          f"(threshold {settings.separation_silent_stem_db:g} dB)"] if silent else [])
             results[stem] = _store_stem(

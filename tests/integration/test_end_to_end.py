@@ -12,7 +12,7 @@ import soundfile as sf
 from tasks.callbacks import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.harness import RABBITMQ, CallbackReceiver, service_env, start_gateway, start_worker, wait_job
 
-SAMPLE_RATE = 32000
+SAMPLE_RATE = 48000  # the delivered rate: parameters.output defaults to 24-bit WAV at 48 kHz
 
 
 def request_body(stems, bpm=120.0, duration=8.0, **extra):
@@ -34,6 +34,7 @@ def check_stem_file(url: str, bpm: float, expected_bars: int) -> None:
     response = requests.get(url, timeout=10)
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "audio/wav"
+    assert sf.info(io.BytesIO(response.content)).subtype == "PCM_24"
     audio, rate = sf.read(io.BytesIO(response.content), always_2d=True)
     assert rate == SAMPLE_RATE
     assert audio.shape[0] == whole_bar_samples(expected_bars, bpm)
@@ -64,6 +65,7 @@ def test_three_stems_end_to_end(stack, receiver):
         assert stem["status"] == "completed"
         assert stem["blob_name"] == f"{body['generation_request_id']}/{name}.wav"
         assert stem["sample_rate"] == SAMPLE_RATE and stem["format"] == "wav"
+        assert stem["bit_depth"] == 24 and stem["content_type"] == "audio/wav"
         assert stem["bpm"] == 120.0
         assert stem["tempo"]["bars"] == 4  # 8 s at 120 BPM in 4/4
         assert stem["duration_seconds"] == pytest.approx(8.0, abs=1 / SAMPLE_RATE)

@@ -18,7 +18,7 @@ import soundfile as sf
 
 from tests.harness import REDIS, CallbackReceiver, service_env, start_gateway, start_worker
 
-SAMPLE_RATE = 32000
+SAMPLE_RATE = 48000  # the delivered rate: parameters.output defaults to 24-bit WAV at 48 kHz
 BPM = 120.0
 SECONDS = 70.0
 BARS = 35  # 70 s at 120 BPM in 4/4
@@ -80,5 +80,5 @@ def test_a_70_second_stem_beyond_the_model_window(long_stack):
     assert blob.status_code == 200
     audio, rate = sf.read(io.BytesIO(blob.content), always_2d=True)
     assert rate == SAMPLE_RATE
-    assert audio.shape[0] == round(BARS * 4 * 60.0 / BPM * SAMPLE_RATE)  # 2,240,000 samples
+    assert audio.shape[0] == round(BARS * 4 * 60.0 / BPM * SAMPLE_RATE)  # 3,360,000 samples
     assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0

@@ -18,7 +18,7 @@ from stemgen_settings import load_settings
 from tests.harness import (MAJOR_TRIAD, REDIS, CallbackReceiver, groove_wav, service_env,
                            start_gateway, start_worker)
 
-SAMPLE_RATE = 32000
+SAMPLE_RATE = 48000  # the delivered rate: parameters.output defaults to 24-bit WAV at 48 kHz
 
 
 @pytest.fixture(scope="module")
