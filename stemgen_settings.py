@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     #: "tiny" / "tiny-melody" (random weights,
     #: made on the fly; for tests and offline runs).
     musicgen_model: str = "facebook/musicgen-small"
+    #: The models this deployment serves, comma-separated (e.g.
+    #: "facebook/musicgen-small,facebook/musicgen-melody"); the first is the default of
+    #: ``parameters.model``. Each model has its own Celery queue (``stems_queue_for``) and its own
+    #: workers, each started with MUSICGEN_MODEL set to the model it holds. Empty: MUSICGEN_MODEL only.
+    musicgen_models: str = ""
     #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
     stemgen_device: str = "auto"
     #: Load the model, run a short warm-up generation and render one synthetic stem (librosa's
@@ -217,6 +222,20 @@ class Settings(BaseSettings):
     @property
     def api_keys(self) -> list[str]:
         return self.split_list(self.stemgen_api_keys)
+
+    @property
+    def served_models(self) -> list[str]:
+        """The models a request may choose (``parameters.model``), the first being the default:
+        MUSICGEN_MODELS, else the one MUSICGEN_MODEL."""
+        return self.split_list(self.musicgen_models) or [self.musicgen_model]
+
+    def stems_queue_for(self, model: str) -> str:
+        """The queue of ``model``'s generation tasks: STEMS_QUEUE when one model is served, else
+        one queue per model (``<STEMS_QUEUE>.<model with / as ->``), consumed by the workers that
+        hold it."""
+        if len(self.served_models) == 1:
+            return self.stems_queue
+        return f"{self.stems_queue}.{model.replace('/', '-')}"
 
 
 def load_settings(**overrides) -> Settings:

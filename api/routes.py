@@ -114,6 +114,13 @@ def generate():
         callback_url = settings.default_callback_url or None
     if parsed.parameters.source_audio_url:
         _check_outbound_url(str(parsed.parameters.source_audio_url), "parameters.source_audio_url")
+    served = settings.served_models
+    if parsed.parameters.model is None:
+        parsed.parameters.model = served[0]  # recorded: the dispatcher routes by it
+    elif parsed.parameters.model not in served:
+        message = f"not served here; choose one of: {', '.join(served)}"
+        raise ApiError(422, "validation_error", "invalid request: parameters.model",
+                       [{"field": "parameters.model", "message": message, "type": "model_not_served"}])
     # The key's identifier goes with the job (GET /jobs lists a caller's own jobs).
     submission = _service().submit(parsed.model_dump(mode="json"), callback_url,
                                    owner=caller_key_id())
@@ -216,7 +223,8 @@ def ready():
 
 @health_bp.get("/health")
 def health():
-    """Broker, storage and the workers that answer (with their model and device)."""
+    """Broker, storage, the workers that answer (with their model and device) and the served
+    models with the workers holding each."""
     service = _service()
     broker, storage = service.broker_health(), service.storage_health()
     workers = service.workers() if broker.ok else []
@@ -226,8 +234,12 @@ def health():
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
+    settings = _settings()
+    models = [{"model": model, "default": i == 0, "queue": settings.stems_queue_for(model),
+               "workers": [w["name"] for w in workers if w.get("model") == model]}
+              for i, model in enumerate(settings.served_models)]
     return jsonify({"status": status, "broker": vars(broker), "storage": vars(storage),
-                    "workers": workers, "outbox": service.outbox()}), code
+                    "workers": workers, "models": models, "outbox": service.outbox()}), code
 
 
 @openapi_bp.get("/openapi.json")

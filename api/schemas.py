@@ -99,6 +99,10 @@ class GenerationParameters(BaseModel):
         None, min_length=1, max_length=64,
         description='Chord progression, one chord per bar, repeated over the bars, e.g. '
                     '["Am", "F", "C", "G"]. Default: a common progression of the style in the key.')
+    model: Optional[str] = Field(
+        None, max_length=200,
+        description="The MusicGen model to generate with, one of those the deployment serves "
+                    "(MUSICGEN_MODELS; GET /health lists them). Default: the first served.")
     arrangement: Literal["independent", "ensemble"] = Field(
         "independent",
         description='"independent": one MusicGen generation per stem, sharing the plan\'s key and '
@@ -414,9 +418,19 @@ class OutboxBacklog(BaseModel):
     overdue_seconds: float = Field(ge=0)
 
 
+class ServedModel(BaseModel):
+    """A model requests may choose, its queue, and the workers that answered holding it."""
+
+    model: str
+    default: bool
+    queue: str
+    workers: list[str]
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded", "unavailable"]
     broker: HealthComponent
     storage: HealthComponent
     workers: list[dict]
+    models: list[ServedModel] = []
     outbox: OutboxBacklog | None = None

@@ -69,10 +69,13 @@ def celery_config(settings: Settings) -> dict:
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds,
                                              **result_sentinel},
         "task_default_queue": settings.callbacks_queue,
-        "task_queues": (Queue(settings.stems_queue), Queue(settings.callbacks_queue)),
+        # A worker consumes the queue of the model it holds (MUSICGEN_MODEL); the dispatcher sends
+        # each job's generation to the queue of the model the job asked for (send_job_chord).
+        "task_queues": (Queue(settings.stems_queue_for(settings.musicgen_model)),
+                        Queue(settings.callbacks_queue)),
         "task_routes": {
-            "stemgen.generate_stem": {"queue": settings.stems_queue},
-            "stemgen.generate_ensemble": {"queue": settings.stems_queue},
+            "stemgen.generate_stem": {"queue": settings.stems_queue_for(settings.musicgen_model)},
+            "stemgen.generate_ensemble": {"queue": settings.stems_queue_for(settings.musicgen_model)},
             "stemgen.finalize_request": {"queue": settings.callbacks_queue},
             "stemgen.deliver_callback": {"queue": settings.callbacks_queue},
         },

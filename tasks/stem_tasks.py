@@ -51,6 +51,11 @@ JOBSTORE_RETRIES = dict(autoretry_for=JOBSTORE_UNREACHABLE, retry_backoff=2, ret
                         retry_jitter=True)
 
 
+class ModelNotHeld(RuntimeError):
+    """A generation task reached a worker that holds another model than the job asked for (a
+    deployment whose workers of two models consume one queue)."""
+
+
 def job_store(celery_app=app) -> JobStore:
     """The JobStore of an app's settings (one per app object)."""
     store = getattr(celery_app, "_stemgen_jobstore", None)
@@ -127,7 +132,7 @@ def _cancel_watch(jobs: JobStore, job_id: str, poll_seconds: float):
 
 def send_job_chord(job: dict) -> None:
     """Send a recorded job's chord, whose results go to ``finalize_request``: ``generate_stem`` for
-    each stem (routed to the stems queue), or, for ``arrangement: "ensemble"``, one
+    each stem (routed to the queue of the job's model), or, for ``arrangement: "ensemble"``, one
     ``generate_ensemble`` for all of them. ``job`` is its record (JobStore.get). Called by the
     outbox dispatcher (tasks.dispatcher), not on the gateway's request path.
 
@@ -136,10 +141,13 @@ def send_job_chord(job: dict) -> None:
     """
     job_id, request = job["job_id"], job["request"]
     stems = [state["stem"] for state in job["stems"]]
+    settings = app.stemgen_settings
+    # the queue of the workers holding the job's model (one queue per served model)
+    queue = settings.stems_queue_for(request["parameters"].get("model") or settings.served_models[0])
     if request["parameters"].get("arrangement") == "ensemble":
-        header = [generate_ensemble.s(job_id, stems, request)]
+        header = [generate_ensemble.s(job_id, stems, request).set(queue=queue)]
     else:
-        header = [generate_stem.s(job_id, stem, request) for stem in stems]
+        header = [generate_stem.s(job_id, stem, request).set(queue=queue) for stem in stems]
     chord(header)(finalize_request.s(job_id))
 
 
@@ -225,6 +233,9 @@ def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[
     build the prompt (one stem's, or the ensemble's for ``stems``), choose the conditioning and
     generate through the worker's batcher."""
     parameters = request["parameters"]
+    wanted = parameters.get("model")
+    if wanted and wanted != settings.musicgen_model:  # a queue shared by two models' workers
+        raise ModelNotHeld(f"this worker holds {settings.musicgen_model}, the job asked for {wanted}")
     batcher = get_batcher(settings)
     engine = batcher.engine
     source = _source(request, settings)
