@@ -27,23 +27,16 @@ import json
 import multiprocessing
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from bench.gateway.__main__ import start_gateway, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS = "redis://127.0.0.1:6379"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -69,37 +62,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
-def start_gateway(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "deploy/gunicorn.conf.py",
-           "--bind", f"127.0.0.1:{port}", "api:create_app()"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health/live", timeout=1) as r:
-                if r.status == 200:
-                    return proc, base
-        except OSError:
-            time.sleep(0.2)
-    stop(proc)
-    raise TimeoutError("gunicorn did not answer /health/live within 60 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 # --- clients --------------------------------------------------------------------------------------
@@ -271,7 +233,7 @@ def main(argv=None) -> int:
         store.update_stem(job_id, "guitar", "running", 0.0)  # queued → running: in the backlog
         job_ids.append(job_id)
     workdir = Path(tempfile.mkdtemp(prefix="stemgen-events-bench-"))
-    proc, base = start_gateway(env, workdir / "gunicorn.log")
+    proc, base = start_gateway("api:create_app()", env, workdir / "gunicorn.log")
     try:
         workers = children(proc.pid)
         print(f"gateway: gunicorn {env.get('GUNICORN_WORKER_CLASS', 'gevent')} "

@@ -148,10 +148,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start_gateway(args, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(app: str, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """gunicorn serving ``app`` (e.g. "api:create_app()") with deploy/gunicorn.conf.py on a free
+    loopback port, its output in ``log``; returns (process, base URL) once /health/live answers.
+
+    Raises:
+        RuntimeError: gunicorn exited. TimeoutError: no answer within 60 s.
+    """
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", "deploy/gunicorn.conf.py",
-           "--bind", f"127.0.0.1:{port}", args.app]
+           "--bind", f"127.0.0.1:{port}", app]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -294,7 +300,7 @@ def measure(args, env: dict, base_url: str = REDIS, result_backend: str | None =
     env = dict(env, BROKER_URL=f"{base_url}/{BROKER_DB}", RESULT_BACKEND=result_backend)
     flush_redis(base_url)
     workdir = Path(tempfile.mkdtemp(prefix="stemgen-gateway-bench-"))
-    proc, base = start_gateway(args, env, workdir / "gunicorn.log")
+    proc, base = start_gateway(args.app, env, workdir / "gunicorn.log")
     try:
         workers = gunicorn_pids(proc.pid)
         config = subprocess.run(

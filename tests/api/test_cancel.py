@@ -8,20 +8,16 @@ import pytest
 from api import create_app
 from stemgen_settings import load_settings
 from tasks.jobstore import JobFinished, JobNotFound
-from tasks.service import JobService
 from tasks.stem_tasks import job_state
+from tests.api.conftest import JOB_STORE_URL as URL
 
-URL = "redis://127.0.0.1:6379/12"
 KEY = "key-a-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-def service():
-    s = JobService(load_settings(result_backend=URL))
-    s.jobs._redis.flushdb()
-    yield s
-    s.jobs._redis.flushdb()
+def service(real_service):  # tests/api/conftest.py: Redis DB 12, flushed
+    return real_service
 
 
 @pytest.fixture

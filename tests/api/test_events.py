@@ -12,19 +12,15 @@ import pytest
 from api import create_app
 from stemgen_settings import load_settings
 from tasks.jobstore import EVENTS_KEEP_AFTER_FINISH_SECONDS
-from tasks.service import JobService
+from tests.api.conftest import JOB_STORE_URL as URL
 
-URL = "redis://127.0.0.1:6379/12"
 KEY = "events-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-def service():
-    s = JobService(load_settings(result_backend=URL))
-    s.jobs._redis.flushdb()
-    yield s
-    s.jobs._redis.flushdb()
+def service(real_service):  # tests/api/conftest.py: Redis DB 12, flushed
+    return real_service
 
 
 @pytest.fixture

@@ -8,20 +8,16 @@ import pytest
 from api import create_app
 from stemgen_settings import load_settings
 from tasks.jobstore import LIST_SCAN_MAX, JobStore
-from tasks.service import JobService
+from tests.api.conftest import JOB_STORE_URL as URL
 
-URL = "redis://127.0.0.1:6379/12"
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"X-API-Key": KEY_B}
 
 
 @pytest.fixture
-def service():
-    s = JobService(load_settings(result_backend=URL))
-    s.jobs._redis.flushdb()
-    yield s
-    s.jobs._redis.flushdb()
+def service(real_service):  # tests/api/conftest.py: Redis DB 12, flushed
+    return real_service
 
 
 def make_client(service, keys=f"{KEY_A},{KEY_B}"):
