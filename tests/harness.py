@@ -3,6 +3,7 @@ gunicorn gateway process, configured through the environment exactly as in produ
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -175,6 +176,21 @@ def start_gateway(env: dict[str, str], tmp_path: Path, timeout: float = 60) -> t
         time.sleep(0.2)
     gateway.stop()
     raise TimeoutError(f"gateway not up in {timeout}s:\n{gateway.log()}")
+
+
+@contextlib.contextmanager
+def running_stack(env: dict[str, str], tmp_path: Path, name: str = "w1", worker_timeout: float = 120):
+    """A worker (``start_worker``) and a gateway (``start_gateway``) on ``env``, stopped on exit:
+    yields (gateway base URL, worker Process, gateway Process)."""
+    worker = start_worker(env, tmp_path, name=name, timeout=worker_timeout)
+    try:
+        gateway, base = start_gateway(env, tmp_path)
+        try:
+            yield base, worker, gateway
+        finally:
+            gateway.stop()
+    finally:
+        worker.stop()
 
 
 def wait_job(base: str, job_id: str, timeout: float, states=("completed", "failed", "partial")) -> dict:

@@ -1,11 +1,6 @@
 import pytest
 
-from tests.harness import (
-    CallbackReceiver,
-    service_env,
-    start_gateway,
-    start_worker,
-)
+from tests.harness import CallbackReceiver, running_stack, service_env
 
 
 def pytest_collection_modifyitems(items):
@@ -25,12 +20,5 @@ def stack(tmp_path_factory, receiver):
     """Gateway + worker on the Redis broker, tiny model, Azurite, loopback callback receiver."""
     tmp = tmp_path_factory.mktemp("stack")
     env = service_env(tmp, DEFAULT_CALLBACK_URL=receiver.url)
-    worker = start_worker(env, tmp)
-    try:
-        gateway, base = start_gateway(env, tmp)
-        try:
-            yield {"base": base, "env": env, "worker": worker, "gateway": gateway, "tmp": tmp}
-        finally:
-            gateway.stop()
-    finally:
-        worker.stop()
+    with running_stack(env, tmp) as (base, worker, gateway):
+        yield {"base": base, "env": env, "worker": worker, "gateway": gateway, "tmp": tmp}

@@ -17,7 +17,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import REDIS, CallbackReceiver, free_port, service_env, start_gateway, start_worker, wait_job
+from tests.harness import REDIS, CallbackReceiver, free_port, running_stack, service_env, wait_job
 
 DURATION = 24.0  # seconds per stem: long enough (on the tiny model) to cancel in the middle
 
@@ -31,16 +31,9 @@ def stack(tmp_path_factory):
                           DEFAULT_CALLBACK_URL=receiver.url, BATCH_WINDOW_SECONDS="1.5",
                           BATCH_MAX_SIZE="4", WORKER_METRICS_PORT=str(metrics_port),
                           WORKER_METRICS_ADDR="127.0.0.1", CANCEL_POLL_SECONDS="0.2")
-        worker = start_worker(env, tmp, name="cancel")
-        try:
-            gateway, base = start_gateway(env, tmp)
-            try:
-                yield {"base": base, "receiver": receiver,
-                       "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-            finally:
-                gateway.stop()
-        finally:
-            worker.stop()
+        with running_stack(env, tmp, name="cancel") as (base, _, _):
+            yield {"base": base, "receiver": receiver,
+                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
 
 
 def submit(base, stem, seed=17, duration=DURATION):

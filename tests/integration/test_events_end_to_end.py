@@ -13,7 +13,7 @@ import uuid
 import pytest
 import requests
 
-from tests.harness import REDIS, service_env, start_gateway, start_worker
+from tests.harness import REDIS, running_stack, service_env
 
 KEY = "e2e-events-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -29,15 +29,10 @@ def events_stack(tmp_path_factory):
                       STEMGEN_API_KEYS=KEY, EVENTS_HEARTBEAT_SECONDS="1")
     for db in (6, 7):
         redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
-    worker = start_worker(env, tmp)
     try:
-        gateway, base = start_gateway(env, tmp)
-        try:
+        with running_stack(env, tmp) as (base, _, _):
             yield base
-        finally:
-            gateway.stop()
     finally:
-        worker.stop()
         for db in (6, 7):
             redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 import soundfile as sf
 
-from tests.harness import REDIS, CallbackReceiver, service_env, start_gateway, start_worker
+from tests.harness import REDIS, CallbackReceiver, running_stack, service_env
 
 SAMPLE_RATE = 48000  # the delivered rate: parameters.output defaults to 24-bit WAV at 48 kHz
 BPM = 120.0
@@ -30,15 +30,8 @@ def long_stack(tmp_path_factory):
     with CallbackReceiver() as receiver:
         env = service_env(tmp, BROKER_URL=f"{REDIS}/4", RESULT_BACKEND=f"{REDIS}/5",
                           DEFAULT_CALLBACK_URL=receiver.url)
-        worker = start_worker(env, tmp, name="long", timeout=300)
-        try:
-            gateway, base = start_gateway(env, tmp)
-            try:
-                yield {"base": base, "receiver": receiver, "worker": worker}
-            finally:
-                gateway.stop()
-        finally:
-            worker.stop()
+        with running_stack(env, tmp, name="long", worker_timeout=300) as (base, worker, _):
+            yield {"base": base, "receiver": receiver, "worker": worker}
 
 
 def test_a_70_second_stem_beyond_the_model_window(long_stack):

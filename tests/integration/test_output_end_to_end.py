@@ -21,7 +21,7 @@ from scipy.signal import resample_poly
 from stems.audio import DUPLICATED_WARNING
 from stems.checkpoint import write_tiny_demucs
 from stems.loudness import MAX_LIMITING_DB
-from tests.harness import REDIS, CallbackReceiver, service_env, start_gateway, start_worker
+from tests.harness import REDIS, CallbackReceiver, running_stack, service_env
 
 BPM, SECONDS, BARS = 120.0, 4.0, 2
 TARGET_LUFS, MAX_TRUE_PEAK_DBTP = -14.0, -1.0  # the settings' defaults
@@ -35,15 +35,8 @@ def output_stack(tmp_path_factory):
     with CallbackReceiver() as receiver:
         env = service_env(tmp, BROKER_URL=f"{REDIS}/4", RESULT_BACKEND=f"{REDIS}/5",
                           DEFAULT_CALLBACK_URL=receiver.url, TORCH_HOME=str(torch_home))
-        worker = start_worker(env, tmp, name="output", timeout=300)
-        try:
-            gateway, base = start_gateway(env, tmp)
-            try:
-                yield {"base": base, "receiver": receiver, "worker": worker}
-            finally:
-                gateway.stop()
-        finally:
-            worker.stop()
+        with running_stack(env, tmp, name="output", worker_timeout=300) as (base, worker, _):
+            yield {"base": base, "receiver": receiver, "worker": worker}
 
 
 def submit(stack, stems, output, **parameters) -> tuple[dict, dict]:
