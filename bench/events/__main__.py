@@ -33,23 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gateway.__main__ import start_gateway, stop
+from bench.gateway.__main__ import cpu_seconds, start_gateway, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS = "redis://127.0.0.1:6379"
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes so far (/proc/PID/stat fields 14 and 15)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 def children(pid: int) -> list[int]:
