@@ -241,16 +241,26 @@ class StaticDecoder:
         step through audiocraft and the rest through the static step."""
         torch = self._torch
         lm = self.lm
+        conditions = list(conditions)
+
+        def fallback(reason: str):
+            """audiocraft's generate on the caller's own arguments (called before any random
+            number is drawn, so the result is eager's)."""
+            self.stats.fallbacks += 1
+            if self.stats.last_fallback != reason:
+                log.info("static decoding falls back to audiocraft's generate: %s", reason)
+            self.stats.last_fallback = reason
+            return self._original_generate(
+                prompt, conditions, num_samples, max_gen_len, use_sampling, temp, top_k, top_p,
+                cfg_coef, two_step_cfg, remove_prompts, check, callback, **kwargs)
+
         reason = self.unsupported if not two_step_cfg else "two-step classifier-free guidance"
         if reason is None and check:
             reason = "check=True"
         if reason is not None:
-            return self._fallback(reason, prompt, list(conditions), num_samples, max_gen_len,
-                                  use_sampling, temp, top_k, top_p, cfg_coef, two_step_cfg,
-                                  remove_prompts, check, callback, **kwargs)
+            return fallback(reason)
         from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
-        conditions = list(conditions)
         num_samples = (num_samples if num_samples is not None
                        else prompt.shape[0] if prompt is not None else len(conditions) or 1)
         if conditions:
@@ -259,25 +269,21 @@ class StaticDecoder:
                 lm.condition_provider.tokenize(conditions + null_conditions))
         else:
             cfg_conditions = {}
-        if prompt is None:
-            prompt = torch.zeros((num_samples, lm.num_codebooks, 0), dtype=torch.long,
-                                 device=self.device)
-        B, K, T = prompt.shape
+        prompted = prompt if prompt is not None else torch.zeros(
+            (num_samples, lm.num_codebooks, 0), dtype=torch.long, device=self.device)
+        B, K, T = prompted.shape
         sampler = Sampler(bool(use_sampling), float(temp), int(top_k), float(top_p),
                           float(lm.cfg_coef if cfg_coef is None else cfg_coef))
         pattern = lm.pattern_provider.get_pattern(max_gen_len)
         unknown = -1
         gen_codes = torch.full((B, K, max_gen_len), unknown, dtype=torch.long, device=self.device)
-        gen_codes[..., :T] = prompt
+        gen_codes[..., :T] = prompted
         gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
         start = pattern.get_first_step_with_timesteps(T)
         length = gen_sequence.shape[-1]
         bucket = B if self.shape == "exact" else bucket_for(B, self.buckets)
         if bucket is None:
-            return self._fallback(f"batch {B} above the largest bucket {self.buckets[-1]}", prompt,
-                                  conditions, num_samples, max_gen_len, use_sampling, temp, top_k,
-                                  top_p, cfg_coef, two_step_cfg, remove_prompts, check, callback,
-                                  **kwargs)
+            return fallback(f"batch {B} above the largest bucket {self.buckets[-1]}")
         cfg = bool(cfg_conditions)
         fuse = lm.fuser.fuse2cond
         prefix = sum(cfg_conditions[name][0].shape[1] for name in fuse.get("prepend", ())
@@ -286,11 +292,8 @@ class StaticDecoder:
                            if name in cfg_conditions)
         needed = prefix + length  # transformer positions: prepended conditions + every step
         if self.shape == "static" and (needed > self.capacity or cross_tokens > self.max_cross):
-            return self._fallback(
-                f"{needed} positions / {cross_tokens} conditioning tokens above the static "
-                f"capacity {self.capacity} / {self.max_cross}", prompt, conditions, num_samples,
-                max_gen_len, use_sampling, temp, top_k, top_p, cfg_coef, two_step_cfg,
-                remove_prompts, check, callback, **kwargs)
+            return fallback(f"{needed} positions / {cross_tokens} conditioning tokens above the "
+                            f"static capacity {self.capacity} / {self.max_cross}")
 
         def write(offset: int, next_token) -> None:
             valid = mask[..., offset:offset + 1].expand(B, -1, -1)
@@ -303,7 +306,7 @@ class StaticDecoder:
 
         with self._lock:
             if self.graphs:
-                self.capture(bucket, cfg, sampler)  # no-op once captured; keeps the RNG state
+                self.capture(bucket, cfg, sampler)  # no-op once captured; draws no random numbers
             with lm.streaming():
                 # Prefill: audiocraft's own step (prompt tokens, prepended conditions).
                 first = lm._sample_next_token(gen_sequence[..., 0:start], cfg_conditions, {},
@@ -323,16 +326,6 @@ class StaticDecoder:
         out_codes, _, _ = pattern.revert_pattern_sequence(gen_sequence, special_token=unknown)
         out_start = T if remove_prompts else 0
         return out_codes[..., out_start:max_gen_len]
-
-    def _fallback(self, reason, prompt, conditions, num_samples, max_gen_len, use_sampling, temp,
-                  top_k, top_p, cfg_coef, two_step_cfg, remove_prompts, check, callback, **kwargs):
-        self.stats.fallbacks += 1
-        if self.stats.last_fallback != reason:
-            log.info("static decoding falls back to audiocraft's generate: %s", reason)
-        self.stats.last_fallback = reason
-        return self._original_generate(prompt, conditions, num_samples, max_gen_len, use_sampling,
-                                       temp, top_k, top_p, cfg_coef, two_step_cfg, remove_prompts,
-                                       check, callback, **kwargs)
 
     # --- cache -----------------------------------------------------------------------------------
     def _static_buffers(self) -> dict:
@@ -362,11 +355,15 @@ class StaticDecoder:
             }
         return self._buffers
 
-    def static_cache_bytes(self) -> int:
-        """Bytes the static cache takes (0 before first use or in ``exact`` shape)."""
-        if self._buffers is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None)
+    def _static_views(self, bucket: int, halves: int) -> dict:
+        """Per layer, the static cache's rows of ``bucket`` (``halves`` × bucket rows: with
+        guidance, conditional then unconditional): the fixed addresses a captured step reads."""
+        buffers = self._static_buffers()
+        rows = halves * bucket
+        layers = range(len(self.lm.transformer.layers))
+        names = ("keys", "values", "cross_keys", "cross_values") if self._cross else ("keys", "values")
+        views = {name: [buffers[name][i, :rows] for i in layers] for name in names}
+        return {"cross_keys": [], "cross_values": [], **views}
 
     def _harvest(self, batch: int, bucket: int, cfg: bool, needed: int, cfg_conditions) -> dict:
         """Copy the prefill's keys/values (audiocraft's streaming state) into the cache and
@@ -379,11 +376,7 @@ class StaticDecoder:
         if self.shape == "exact":
             cache = {"keys": [], "values": [], "cross_keys": [], "cross_values": []}
         else:
-            buffers = self._static_buffers()
-            rows = halves * bucket
-            cache = {"keys": [buffers["keys"][i, :rows] for i in range(len(layers))],
-                     "values": [buffers["values"][i, :rows] for i in range(len(layers))],
-                     "cross_keys": [], "cross_values": []}
+            cache = self._static_views(bucket, halves)
         cross_src = None
         if self._cross:
             _, cross_src = lm.fuser(torch.zeros((halves * batch, 0, self._dim), device=self.device,
@@ -408,13 +401,11 @@ class StaticDecoder:
                     cache["cross_keys"].append(ck)
                     cache["cross_values"].append(cv)
                 else:
-                    buffers = self._buffers
-                    n = ck.shape[2]
                     for name, source in (("cross_keys", ck), ("cross_values", cv)):
-                        target = buffers[name][i, :halves * bucket]
+                        target = cache[name][i]
                         target.zero_()
-                        _copy_rows(target, source.to(self.dtype), batch, bucket, halves, n)
-                        cache[name].append(target)
+                        _copy_rows(target, source.to(self.dtype), batch, bucket, halves,
+                                   source.shape[2])
         if cross_src is not None and self.shape == "static":
             valid = self._buffers["cross_valid"]
             valid.zero_()
@@ -540,28 +531,19 @@ class StaticDecoder:
         return logits
 
     # --- CUDA graphs -----------------------------------------------------------------------------
-    def capture(self, bucket: int, cfg: bool, sampler: Sampler, cache: dict | None = None) -> float:
+    def capture(self, bucket: int, cfg: bool, sampler: Sampler) -> float:
         """Capture the step of ``bucket`` for every attended length (CUDA only). Returns seconds.
 
         A captured step draws no random numbers (its Exp(1) draws are made before each replay,
         see ``sample_next``), so capturing never changes what a seeded generation draws.
         """
         torch = self._torch
-        if cache is None:
-            buffers = self._static_buffers()
-            halves = 2 if cfg else 1
-            layers = len(self.lm.transformer.layers)
-            cache = {name: [buffers[name][i, :halves * bucket] for i in range(layers)]
-                     for name in ("keys", "values")}
-            cache["cross_keys"] = ([buffers["cross_keys"][i, :halves * bucket] for i in range(layers)]
-                                   if self._cross else [])
-            cache["cross_values"] = ([buffers["cross_values"][i, :halves * bucket]
-                                      for i in range(layers)] if self._cross else [])
         started = time.perf_counter()
         missing = [kv_len for kv_len in range(self.kv_chunk, self.capacity + 1, self.kv_chunk)
                    if (bucket, cfg, sampler, kv_len) not in self._graphs]
         if not missing:
             return 0.0
+        cache = self._static_views(bucket, 2 if cfg else 1)
         buffers = self._buffers
         static_tokens = buffers["tokens"][:bucket]
         static_pos = buffers["pos"]
