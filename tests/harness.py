@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TEST_BROKER_DB = 14
 TEST_RESULT_DB = 15
-REDIS = "redis://127.0.0.1:6379"
+#: The Redis server of the tests (STEMGEN_TEST_REDIS lets concurrent checkouts use their own).
+REDIS = os.environ.get("STEMGEN_TEST_REDIS", "redis://127.0.0.1:6379")
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 
 

@@ -4,9 +4,10 @@ import pytest
 
 from stemgen_settings import load_settings
 from tasks.service import JobService
+from tests.harness import REDIS
 
 #: The job store of these tests: Redis DB 12, flushed around each test.
-JOB_STORE_URL = "redis://127.0.0.1:6379/12"
+JOB_STORE_URL = f"{REDIS}/12"
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from stemgen_settings import load_settings
 from tasks import stem_tasks
 from tasks.jobstore import JobStore
 from tests.harness import CallbackReceiver
+from tests.harness import REDIS
 
-URL = "redis://127.0.0.1:6379/12"
+URL = f"{REDIS}/12"
 
 
 class RetryLater(Exception):

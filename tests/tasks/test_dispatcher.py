@@ -10,8 +10,9 @@ from kombu.exceptions import OperationalError
 from tasks import stem_tasks
 from tasks.dispatcher import DispatcherThread, OutboxDispatcher
 from tasks.jobstore import JobStore
+from tests.harness import REDIS
 
-URL = "redis://127.0.0.1:6379/12"
+URL = f"{REDIS}/12"
 
 
 @pytest.fixture

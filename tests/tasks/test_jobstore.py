@@ -3,8 +3,9 @@
 import pytest
 
 from tasks.jobstore import IdempotencyConflict, JobNotFound, JobStore, request_fingerprint
+from tests.harness import REDIS
 
-URL = "redis://127.0.0.1:6379/13"
+URL = f"{REDIS}/13"
 
 
 @pytest.fixture

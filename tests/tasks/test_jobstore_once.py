@@ -7,8 +7,9 @@ import time
 import pytest
 
 from tasks.jobstore import IdempotencyConflict, JobStore
+from tests.harness import REDIS
 
-URL = "redis://127.0.0.1:6379/12"
+URL = f"{REDIS}/12"
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from redis.sentinel import SentinelConnectionPool
 from stemgen_settings import load_settings
 from tasks.app import celery_config
 from tasks.redis_connection import (
+from tests.harness import REDIS
     DEFAULT_WAIT_TIMEOUT_MS,
     ReplicatedRedis,
     ReplicationTimeout,
@@ -117,11 +118,11 @@ def test_connect_gives_sentinel_managed_and_replicated_clients():
     sentinels = pool.sentinel_manager.sentinels
     assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [1, 2]
     assert sentinels[0].connection_pool.connection_kwargs["socket_timeout"] == 1
-    plain = connect("redis://127.0.0.1:6379/13")
+    plain = connect(f"{REDIS}/13")
     assert type(plain) is redis.Redis
 
 
-URL = "redis://127.0.0.1:6379/13"
+URL = f"{REDIS}/13"
 
 
 @pytest.mark.integration

@@ -7,8 +7,9 @@ import pytest
 
 from stemgen_settings import load_settings
 from tasks.service import JobService, ServiceUnavailable
+from tests.harness import REDIS
 
-URL = "redis://127.0.0.1:6379/12"
+URL = f"{REDIS}/12"
 
 
 def req(rid="gen-1"):
