@@ -9,8 +9,7 @@ from flask import Flask, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tasks.jobstore import IdempotencyConflict, JobFinished, JobNotFound
-from tasks.service import ServiceUnavailable
+from tasks.service import IdempotencyConflict, JobFinished, JobNotFound, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Live job progress as Server-Sent Events (``GET /jobs/<id>/events``).
 
 Every state or progress change of a job or a stem is an entry of the job's Redis stream, written
-in the same script as the change itself (tasks.jobstore). A client's stream is:
+in the same script as the change itself (tasks.jobstore, through tasks.service). A client's stream is:
 
 1. the stored events after its ``Last-Event-ID`` (all of them on a first connection), read once;
 2. then the new ones, which ``EventHub`` hands it: one reader per gateway process follows every
@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Iterator
 
-from tasks.jobstore import FINAL_JOB_STATES, JobEvent, event_id_key
+from tasks.service import FINAL_JOB_STATES, JobEvent, event_id_key
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from api.schemas import (
     JobStatus,
     StemEventData,
 )
-from tasks.jobstore import EVENT_ID
+from tasks.service import EVENT_ID
 
 _REF = "#/components/schemas/{model}"
 

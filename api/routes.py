@@ -17,7 +17,7 @@ from api.events import EventHub, event_stream
 from api.openapi import build_openapi
 from api.schemas import GenerateRequest, JobAccepted, JobList, JobListQuery, JobStatus
 from tasks.callback_target import CallbackHostUnresolvable, CallbackPolicy, UnsafeCallbackURL, check_url
-from tasks.jobstore import EVENT_ID, InvalidCursor
+from tasks.service import EVENT_ID, InvalidCursor
 
 log = logging.getLogger(__name__)
 

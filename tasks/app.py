@@ -88,7 +88,7 @@ def celery_config(settings: Settings) -> dict:
 
 def create_celery(settings: Settings) -> Celery:
     """Build a Celery app from settings; the settings object is kept as ``app.stemgen_settings``."""
-    app = Celery("stemgen", include=["tasks.stem_tasks", "tasks.worker"])
+    app = Celery("stemgen", include=["tasks.stem_tasks", "tasks.callback_delivery", "tasks.worker"])
     config = celery_config(settings)
     app.config_from_object(config)
     # The celery command also copies RESULT_BACKEND into CELERY_RESULT_BACKEND, which Celery prefers

@@ -5,7 +5,7 @@ Signature (webhook practice as in Stripe's and Standard Webhooks' schemes): with
 is the ``X-Stemgen-Timestamp`` header (Unix seconds) and ``body`` the exact request bytes. The
 receiver recomputes it, compares in constant time, and rejects old timestamps (replays).
 ``X-Stemgen-Event-Id`` is stable across retries of one callback, for the receiver's de-duplication.
-Retries with backoff are Celery's (see tasks.stem_tasks.deliver_callback), not a loop here.
+Retries with backoff are Celery's (see tasks.callback_delivery.deliver_callback), not a loop here.
 
 Where a callback may go is tasks.callback_target's business (the SSRF guard); redirects are not
 followed (a 3xx is a refusal), so an allowed URL cannot bounce the POST to a private address.

@@ -20,7 +20,7 @@ The dispatcher also sends ``deliver_callback`` again for a delivery still pendin
 after its attempt was due: with the Redis broker, a message published while a worker is in warm
 shutdown can vanish (celery/celery#4354; seen in the fault suite: a delivery retry published by a
 worker stopping with SIGTERM never arrived). A copy of a delivery that was not lost is harmless:
-deliveries run one at a time under a lock and check the delivered state (tasks.stem_tasks).
+deliveries run one at a time under a lock and check the delivered state (tasks.callback_delivery).
 
 Building and publishing a chord costs milliseconds of CPU (canvas, one message per stem carrying the
 request, result subscriptions); measured in the gateway it was most of a request's CPU.

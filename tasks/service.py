@@ -1,5 +1,8 @@
 """What the gateway asks of the task layer: submit a job, read it, list jobs, follow a job's
-events, check health."""
+events, check health.
+
+api/ reaches the job store only through this module: the job store's errors and event types the
+gateway handles are re-exported here."""
 
 from __future__ import annotations
 
@@ -11,10 +14,16 @@ import redis
 from stemgen_settings import Settings
 from storage import StorageError, store_from_settings
 from tasks.app import app as celery_app
-from tasks.jobstore import EventFeed, JobEvent, JobPage, JobStore, Submission
+from tasks.jobstore import (EVENT_ID, FINAL_JOB_STATES, EventFeed, IdempotencyConflict, InvalidCursor,
+                            JobEvent, JobFinished, JobNotFound, JobPage, JobStore, Submission,
+                            event_id_key)
 from tasks.planning import make_job_plan, plan_known_at_submission
 
 log = logging.getLogger(__name__)
+
+__all__ = ["EVENT_ID", "FINAL_JOB_STATES", "ComponentHealth", "EventFeed", "IdempotencyConflict",
+           "InvalidCursor", "JobEvent", "JobFinished", "JobNotFound", "JobPage", "JobService",
+           "ServiceUnavailable", "Submission", "event_id_key"]
 
 #: What the job store raises when it cannot be reached (the gateway does not talk to the broker).
 _UNREACHABLE = (redis.RedisError, ConnectionError, TimeoutError)

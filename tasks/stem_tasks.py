@@ -1,8 +1,7 @@
 """Celery tasks: one ``generate_stem`` per stem (or one ``generate_ensemble`` for all stems of an
 ensemble request) in a chord (sent by the outbox dispatcher, ``send_job_chord``) whose body is
 ``finalize_request``, which hands the callback to
-``deliver_callback`` (retried on its own, so a down backend never causes a stem to be generated
-again).
+``deliver_callback`` (tasks.callback_delivery).
 
 Tasks hold no audio logic: they call stems/ (generate, render) and storage/ (upload).
 """
@@ -16,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import redis
 from celery import chord
 from celery.utils.time import get_exponential_backoff_interval
 
@@ -32,39 +30,21 @@ from stems.separation import stem_energy_db
 from storage import StorageUnavailable, blob_name_for, store_from_settings
 from tasks import metrics
 from tasks.app import app
-from tasks.callback_target import CallbackPolicy
-from tasks.callbacks import CallbackRetryableError, CallbackError, post_callback
-from tasks.jobstore import JobNotFound, JobStore
+from tasks.callback_delivery import deliver_callback
+from tasks.jobstore import JobStore
 from tasks.model_cache import get_batcher, get_separator
 from tasks.planning import conditioning_for, make_job_plan, plan_from_record
 from tasks.source_audio import load_source
+from tasks.worker_jobstore import JOBSTORE_RETRIES, JOBSTORE_UNREACHABLE, job_store
 
 log = logging.getLogger(__name__)
 
 STORAGE_MAX_RETRIES = 3
-#: How long the workers' job-store commands wait out a lost Redis connection (a restart).
-JOBSTORE_RETRY_SECONDS = 60
-#: The job store still unreachable after that: the task is retried later (a declared retry), so a
-#: longer Redis outage neither loses a job's callback nor reports a generated stem as failed.
-JOBSTORE_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-JOBSTORE_RETRIES = dict(autoretry_for=JOBSTORE_UNREACHABLE, retry_backoff=2, retry_backoff_max=20,
-                        retry_jitter=True)
 
 
 class ModelNotHeld(RuntimeError):
     """A generation task reached a worker that holds another model than the job asked for (a
     deployment whose workers of two models consume one queue)."""
-
-
-def job_store(celery_app=app) -> JobStore:
-    """The JobStore of an app's settings (one per app object)."""
-    store = getattr(celery_app, "_stemgen_jobstore", None)
-    if store is None:
-        settings = celery_app.stemgen_settings
-        store = JobStore(settings.result_backend, settings.job_ttl_seconds,
-                         retry_seconds=JOBSTORE_RETRY_SECONDS)
-        celery_app._stemgen_jobstore = store
-    return store
 
 
 class _ProgressReporter:
@@ -456,81 +436,3 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
         deliver_callback.delay(job_id)
         jobs.mark_delivery_enqueued(job_id)
     return {"job_id": job_id, "status": job["status"]}
-
-
-def delivery_countdown(settings, attempts: int, elapsed_seconds: float) -> float | None:
-    """Seconds until the next delivery attempt after ``attempts`` failed ones, or None when the
-    delivery window (counted from the first attempt) is used up. Doubling from
-    callback_backoff_seconds up to callback_backoff_max_seconds; the last attempt falls at the end
-    of the window."""
-    remaining = settings.callback_delivery_window_seconds - elapsed_seconds
-    if remaining <= 0:
-        return None
-    backoff = get_exponential_backoff_interval(
-        factor=settings.callback_backoff_seconds, retries=max(0, attempts - 1),
-        maximum=settings.callback_backoff_max_seconds, full_jitter=False)
-    return max(1.0, min(float(backoff), remaining))
-
-
-def delivery_lock_seconds(settings) -> float:
-    """Longer than one attempt can take: DNS, connect, read, bookkeeping."""
-    return settings.callback_connect_timeout_seconds + settings.callback_timeout_seconds + 30
-
-
-@app.task(bind=True, name="stemgen.deliver_callback", max_retries=None, **JOBSTORE_RETRIES)
-def deliver_callback(self, job_id: str) -> str:
-    """POST the job's callback; on connection errors, timeouts, 5xx, 408 and 429 retried with
-    exponential backoff for ``callback_delivery_window_seconds``, then marked failed.
-
-    At most one attempt per job runs at a time (a Redis lock), and the delivered/failed state is
-    checked under it, so copies of this task (a redelivered message, a finalize that ran twice)
-    cannot POST a second time after a success. A copy that finds the lock taken tries again after
-    the lock's lifetime, in case the holder's worker died mid-attempt.
-    """
-    settings = self.app.stemgen_settings
-    jobs = job_store(self.app)
-    lock_seconds = delivery_lock_seconds(settings)
-    token = jobs.acquire_delivery_lock(job_id, lock_seconds)
-    if token is None:
-        # (The wait stays inside the visibility timeout: a waiting retry is an unacked message.)
-        raise self.retry(countdown=min(lock_seconds, settings.visibility_timeout_seconds / 2))
-    try:
-        return _attempt_delivery(self, settings, jobs, job_id)
-    finally:
-        jobs.release_delivery_lock(job_id, token)
-
-
-def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
-    try:
-        job = jobs.get(job_id)
-    except JobNotFound:
-        log.warning("callback of job %s not sent: the job record is gone", job_id)
-        jobs.delivery_settled(job_id)
-        return "gone"
-    stemgen_logging.bind(generation_request_id=job.get("generation_request_id"))
-    if job["callback"]["state"] in ("delivered", "failed"):
-        jobs.delivery_settled(job_id)  # a copy re-sent by the sweep finds it done
-        return job["callback"]["state"]
-    attempts, started_at = jobs.start_delivery_attempt(job_id)
-    try:
-        post_callback(job["callback"]["url"], job["callback_payload"], event_id=job_id,
-                      secret=settings.callback_secret,
-                      timeout_seconds=settings.callback_timeout_seconds,
-                      connect_timeout_seconds=settings.callback_connect_timeout_seconds,
-                      policy=CallbackPolicy.from_settings(settings))
-    except CallbackRetryableError as exc:
-        countdown = delivery_countdown(settings, attempts, time.time() - started_at)
-        if countdown is None:
-            log.error("callback of job %s failed for good after %d attempts: %s", job_id, attempts, exc)
-            jobs.update_delivery(job_id, "failed", error=str(exc))
-            return "failed"
-        jobs.update_delivery(job_id, "pending", error=str(exc), next_attempt_at=time.time() + countdown)
-        log.warning("callback of job %s: attempt %d failed, next in %.0fs: %s",
-                    job_id, attempts, countdown, exc)
-        raise task.retry(exc=exc, countdown=countdown)
-    except CallbackError as exc:
-        log.error("callback of job %s refused: %s", job_id, exc)
-        jobs.update_delivery(job_id, "failed", error=str(exc))
-        return "failed"
-    jobs.update_delivery(job_id, "delivered")
-    return "delivered"

@@ -163,7 +163,9 @@ class OutboxDispatch(bootsteps.StartStopStep):
         settings = worker.app.stemgen_settings
         if not settings.dispatcher_enabled:
             return
-        from tasks.stem_tasks import deliver_callback, job_store, send_job_chord
+        from tasks.callback_delivery import deliver_callback
+        from tasks.stem_tasks import send_job_chord
+        from tasks.worker_jobstore import job_store
 
         dispatcher = OutboxDispatcher.from_settings(settings, job_store(worker.app), send_job_chord,
                                                     resend_delivery=deliver_callback.delay)

@@ -324,7 +324,7 @@ def test_worker_probes_are_a_valid_celery_ping_of_the_pods_own_node():
 
 def test_workers_get_a_grace_period_above_their_longest_task(docs):
     from tasks.app import celery_config
-    from tasks.stem_tasks import delivery_lock_seconds
+    from tasks.callback_delivery import delivery_lock_seconds
 
     for worker in _all(docs, "Deployment"):
         queues = _queues(worker)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from stemgen_settings import load_settings
-from tasks import stem_tasks
+from tasks import callback_delivery, stem_tasks, worker_jobstore
 from tasks.jobstore import JobStore
 from tests.harness import CallbackReceiver
 from tests.harness import REDIS
@@ -45,7 +45,7 @@ def configure(monkeypatch, store):
         def retry(exc=None, countdown=None, **_):
             raise RetryLater(countdown)
 
-        monkeypatch.setattr(stem_tasks.deliver_callback, "retry", retry)
+        monkeypatch.setattr(callback_delivery.deliver_callback, "retry", retry)
         return settings
 
     return apply
@@ -54,7 +54,7 @@ def configure(monkeypatch, store):
 @pytest.fixture
 def sent(monkeypatch):
     calls = []
-    monkeypatch.setattr(stem_tasks.deliver_callback, "delay", lambda job_id: calls.append(job_id))
+    monkeypatch.setattr(callback_delivery.deliver_callback, "delay", lambda job_id: calls.append(job_id))
     return calls
 
 
@@ -68,7 +68,7 @@ def finished_job(store, url):
 
 def deliver(job_id):
     try:
-        return stem_tasks.deliver_callback.run(job_id)
+        return callback_delivery.deliver_callback.run(job_id)
     except RetryLater as exc:
         return exc
 
@@ -143,10 +143,10 @@ def test_delivery_window_ends_in_failed(store, configure):
 def test_countdown_doubles_and_ends_with_the_window():
     settings = load_settings(callback_backoff_seconds=2, callback_backoff_max_seconds=600,
                              callback_delivery_window_seconds=3600)
-    assert [stem_tasks.delivery_countdown(settings, n, 0) for n in (1, 2, 3, 4)] == [2, 4, 8, 16]
-    assert stem_tasks.delivery_countdown(settings, 30, 0) == 600
-    assert stem_tasks.delivery_countdown(settings, 30, 3500) == 100  # the last one at the window's end
-    assert stem_tasks.delivery_countdown(settings, 30, 3600) is None
+    assert [callback_delivery.delivery_countdown(settings, n, 0) for n in (1, 2, 3, 4)] == [2, 4, 8, 16]
+    assert callback_delivery.delivery_countdown(settings, 30, 0) == 600
+    assert callback_delivery.delivery_countdown(settings, 30, 3500) == 100  # the last one at the window's end
+    assert callback_delivery.delivery_countdown(settings, 30, 3600) is None
 
 
 def test_private_callback_is_refused_at_delivery(store, configure):
@@ -175,7 +175,7 @@ def test_unreachable_job_store_retries_the_tasks(monkeypatch):
     unreachable = JobStore("redis://127.0.0.1:1/0", ttl_seconds=60)
     monkeypatch.setattr(stem_tasks.app, "_stemgen_jobstore", unreachable, raising=False)
     monkeypatch.setattr(stem_tasks.app, "stemgen_settings", load_settings(), raising=False)
-    for task in (stem_tasks.finalize_request, stem_tasks.deliver_callback):
+    for task in (stem_tasks.finalize_request, callback_delivery.deliver_callback):
         retried = []
 
         def retry(*args, exc=None, **kwargs):
@@ -188,7 +188,7 @@ def test_unreachable_job_store_retries_the_tasks(monkeypatch):
                 task.run([{"stem": "bass", "status": "completed"}], "0" * 32)
             else:
                 task.run("0" * 32)
-        assert isinstance(retried[0], stem_tasks.JOBSTORE_UNREACHABLE)
+        assert isinstance(retried[0], worker_jobstore.JOBSTORE_UNREACHABLE)
 
 
 def pending_deliveries(store) -> dict[str, float]:

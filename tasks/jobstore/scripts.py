@@ -1,0 +1,130 @@
+"""The job store's Lua scripts: each state transition that must happen once is one script (see
+tasks.jobstore)."""
+
+# Lua: append an event to a job's stream (KEYS[2]; the job record is KEYS[1]), capped at ARGV
+# maxlen entries; a stream that has no TTL yet (just made) gets the record's remaining lifetime,
+# so it expires with the job.
+_EMIT = """
+local function emit(maxlen, kind, data)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', kind, 'data', data)
+  if redis.call('PTTL', KEYS[2]) == -1 then
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
+end
+"""
+
+# Lua: the Redis server's clock in seconds, as ``now`` (outbox scores use the server's clock: no
+# skew between the gateway's and the workers' hosts).
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+"""
+
+# KEYS: request key, new job key, outbox, job's event stream, owner's job index (sorted set).
+# ARGV: claim JSON, ttl, job key prefix, job id, events maxlen, "queued" event data, creation time
+# (index score), index entries older than this are dropped, then the record's fields. An existing
+# claim wins while its record exists; a claim whose record is gone is replaced. A new job is due in
+# the outbox at once, has its first event, and enters its owner's index (which lives as long as
+# its newest job).
+_CREATE = _NOW + """
+local claim = redis.call('GET', KEYS[1])
+if claim then
+  local ok, existing = pcall(cjson.decode, claim)
+  if ok and type(existing) == 'table' and existing['job_id']
+     and redis.call('EXISTS', ARGV[3] .. existing['job_id']) == 1 then
+    return claim
+  end
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 9))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[3], now, ARGV[4])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'type', 'job', 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[7], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[8])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
+return false
+"""
+
+# KEYS: a schedule (the outbox, the deliveries). ARGV: most entries, lease seconds, grace seconds.
+# The entries due at least grace seconds ago (oldest first), each moved to "due again when the
+# lease ends".
+_CLAIM_DUE = _NOW + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]), 'LIMIT', 0,
+                       tonumber(ARGV[1]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), id)
+end
+return ids
+"""
+
+# KEYS: job key, outbox. ARGV: job id. Marks the job dispatched (a record that expired meanwhile is
+# not recreated) and takes it out of the outbox.
+_DISPATCHED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'dispatched', 1) end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# KEYS: a schedule. ARGV: seconds, job id, then "XX" to move an entry only while it is there.
+# The job's entry is due in that many seconds.
+_SCHEDULE = _NOW + """
+if ARGV[3] == 'XX' then
+  return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+end
+return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+"""
+
+# KEYS: job key, its event stream. ARGV: events maxlen, the final "job" event's data, seconds the
+# stream is kept from now, then field/value pairs. Sets them, and emits the event, only when the
+# job exists and is not finished; the stream then expires sooner than the record, unless the record
+# expires first.
+_FINISH = _EMIT + """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+emit(ARGV[1], 'job', ARGV[2])
+local keep = tonumber(ARGV[3]) * 1000
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < 0 or ttl > keep then redis.call('PEXPIRE', KEYS[2], keep) end
+return 1
+"""
+
+# KEYS: job key, its event stream. ARGV: stem field, stem JSON, now, "1" when the stem is running,
+# events maxlen, the stem event's type and data, the data of a "job running" event. A record that
+# expired is not recreated. A running stem makes a queued job running (final states are set by
+# finish), and that change has its own event, before the stem's.
+_UPDATE_STEM = _EMIT + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'updated_at', ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+  if redis.call('HGET', KEYS[1], 'state') == 'queued' then
+    redis.call('HSET', KEYS[1], 'state', 'running')
+    emit(ARGV[5], 'job', ARGV[8])
+  end
+end
+emit(ARGV[5], ARGV[6], ARGV[7])
+return 1
+"""
+
+# KEYS: job key, its event stream. ARGV: now, events maxlen, the "cancelling" job event's data.
+# -1: no such job; 0: the job is finished (nothing changes); 1: cancellation requested (now, or
+# already before: the state and event are written once).
+_CANCEL = _EMIT + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'cancelling', 'updated_at', ARGV[1])
+  emit(ARGV[2], 'job', ARGV[3])
+end
+return 1
+"""
+
+# KEYS: lock key. ARGV: token. Deletes the lock only when this token still holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
