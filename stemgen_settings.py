@@ -175,6 +175,14 @@ class Settings(BaseSettings):
     #: Comma-separated API keys; callers send one as "Authorization: Bearer <key>" or "X-API-Key".
     #: Empty = the API is open (a warning is logged at start-up).
     stemgen_api_keys: str = ""
+    #: Comma-separated admin API keys: accepted as API keys, and they may read, follow, cancel and
+    #: list every job (other keys see only their own). Empty = none.
+    stemgen_admin_keys: str = ""
+    #: Per API key: most jobs not yet finished, and most new jobs a minute (sliding 60 s window);
+    #: over either, POST /generate answers 429 with Retry-After. 0 = no limit. No limits apply
+    #: while the API is open (no keys).
+    max_active_jobs_per_key: int = Field(default=0, ge=0)
+    max_submissions_per_minute_per_key: int = Field(default=0, ge=0)
     #: Base of the status URLs returned to callers; empty = derived from the request.
     public_base_url: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -222,6 +230,10 @@ class Settings(BaseSettings):
     @property
     def api_keys(self) -> list[str]:
         return self.split_list(self.stemgen_api_keys)
+
+    @property
+    def admin_keys(self) -> list[str]:
+        return self.split_list(self.stemgen_admin_keys)
 
     @property
     def served_models(self) -> list[str]:

@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, service=None) -> Flask:
         app.register_blueprint(bp)
     register_error_handlers(app)
     metrics.init_app(app, settings)  # first: its timing and log scope wrap auth's check too
-    auth.init_app(app, settings.api_keys)
+    auth.init_app(app, settings.api_keys, settings.admin_keys)
     return app
 
 

@@ -6,8 +6,14 @@ presented key is compared with every configured key, each comparison constant-ti
 (``hmac.compare_digest`` over SHA-256 digests, so neither the matching key nor the key lengths show
 in the timing). Without configured keys the API is open and a warning is logged at start-up.
 
-Each job remembers which key submitted it, by the key's identifier (``key_id``: a hash of the
-key, never the key), so that ``GET /jobs`` lists a caller's own jobs.
+Each job belongs to the key that submitted it, by the key's identifier (``key_id``: a hash of the
+key, never the key): a key lists, reads, follows and cancels only its own jobs (another key's job
+is a 404, as an unknown id), and its ``generation_request_id`` claims are its own. Keys in
+``STEMGEN_ADMIN_KEYS`` are accepted as well and see every job (``job_scope``). Without configured
+keys every caller sees every job, as before keys existed.
+
+``python -m api.auth`` prints the identifier of a key read from standard input (the prefix of that
+key's source songs in SOURCE_AUDIO_CONTAINER, docs/api.md).
 
 Open without a key: ``/health/live`` and ``/health/ready`` (orchestrator probes carry no secrets;
 ``/health/ready`` then answers only ok/unavailable, without error details) and ``/openapi.json``
@@ -60,9 +66,22 @@ def key_id(digest: bytes) -> str:
     return hashlib.sha256(b"stemgen job owner\0" + digest).hexdigest()[:16]
 
 
+def key_id_of(key: str) -> str:
+    """The identifier (``key_id``) of an API key given in clear."""
+    return key_id(_digest(key))
+
+
 def caller_key_id() -> str:
     """The identifier of the key this request authenticated with ("" when the API is open)."""
     return str(g.get("stemgen_key_id", ""))
+
+
+def job_scope() -> str | None:
+    """Whose jobs this request may see: the caller's key identifier, or None for every job (an
+    admin key, or an open API)."""
+    if g.get("stemgen_sees_all", False):
+        return None
+    return caller_key_id()
 
 
 def presented_keys() -> list[str]:
@@ -81,9 +100,11 @@ def authenticated() -> bool:
     return bool(g.get("stemgen_authenticated", False))
 
 
-def init_app(app: Flask, api_keys: list[str]) -> None:
-    """Require one of ``api_keys`` on every endpoint but OPEN_ENDPOINTS (none: the API is open)."""
-    digests = [_digest(key) for key in api_keys]
+def init_app(app: Flask, api_keys: list[str], admin_keys: list[str] = ()) -> None:
+    """Require one of ``api_keys`` or ``admin_keys`` on every endpoint but OPEN_ENDPOINTS (none:
+    the API is open); an admin key sees every job."""
+    admin_digests = [_digest(key) for key in admin_keys]
+    digests = [_digest(key) for key in api_keys] + admin_digests
     if not digests:
         log.warning("STEMGEN_API_KEYS is empty: the API accepts requests from anyone")
     elif any(len(key) < MIN_KEY_LENGTH for key in api_keys):
@@ -92,12 +113,14 @@ def init_app(app: Flask, api_keys: list[str]) -> None:
     @app.before_request
     def _require_key():
         if not digests:
-            g.stemgen_authenticated = True
+            g.stemgen_authenticated = g.stemgen_sees_all = True
             return None
         matched = next((digest for digest in (matching_digest(key, digests)
                                               for key in presented_keys()) if digest), None)
         g.stemgen_authenticated = matched is not None
         g.stemgen_key_id = key_id(matched) if matched is not None else ""
+        g.stemgen_sees_all = matched is not None and any(
+            hmac.compare_digest(matched, digest) for digest in admin_digests)
         if g.stemgen_authenticated or request.endpoint in OPEN_ENDPOINTS:
             return None
         raise ApiError(401, "unauthorized",
@@ -105,3 +128,9 @@ def init_app(app: Flask, api_keys: list[str]) -> None:
                        [{"field": "Authorization", "message": "missing or invalid API key",
                          "type": "authentication"}],
                        headers={"WWW-Authenticate": 'Bearer realm="stemgen"'})
+
+
+if __name__ == "__main__":  # python -m api.auth < key: the key's identifier
+    import sys
+
+    print(key_id_of(sys.stdin.readline().strip()))

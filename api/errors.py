@@ -9,7 +9,8 @@ from flask import Flask, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from tasks.service import IdempotencyConflict, JobFinished, JobNotFound, ServiceUnavailable
+from tasks.service import (IdempotencyConflict, JobFinished, JobNotFound, LimitExceeded,
+                           ServiceUnavailable)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,16 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(409, "idempotency_conflict", str(exc),
                               [{"field": "generation_request_id", "message": str(exc),
                                 "type": "conflict"}])
+
+    @app.errorhandler(LimitExceeded)
+    def _limited(exc: LimitExceeded):
+        from api.metrics import SUBMISSIONS_REFUSED
+
+        SUBMISSIONS_REFUSED.labels(exc.limit).inc()
+        message = str(exc)
+        return error_response(429, "limit_exceeded", message,
+                              [{"field": exc.limit, "message": message, "type": "limit_exceeded"}],
+                              headers={"Retry-After": str(exc.retry_after_seconds)})
 
     @app.errorhandler(JobFinished)
     def _finished(exc: JobFinished):

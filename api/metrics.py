@@ -14,6 +14,8 @@ Metrics (all prefixed ``stemgen_``; docs/operations.md, "Metrics and logs"):
   body, ``/jobs/<id>/events``, is not included).
 - ``jobs_accepted_total``: jobs recorded by ``POST /generate`` (202; a repeated
   ``generation_request_id`` answered 200 is not counted again).
+- ``submissions_refused_total{limit}``: submissions answered 429 for a key's limit
+  (``max_active_jobs``, ``max_submissions_per_minute``).
 - ``outbox_jobs`` / ``outbox_overdue_seconds`` / ``job_store_up``: read from the job store at
   each scrape: jobs waiting for the dispatcher and how late the oldest is.
 
@@ -60,6 +62,8 @@ LATENCY = Histogram("stemgen_http_request_duration_seconds",
                     "Time from a request's arrival to its response's headers",
                     ["method", "route"], buckets=LATENCY_BUCKETS)
 JOBS_ACCEPTED = Counter("stemgen_jobs_accepted", "Jobs recorded by POST /generate (answered 202)")
+SUBMISSIONS_REFUSED = Counter("stemgen_submissions_refused",
+                              "Submissions refused (429) for an API key's limit", ["limit"])
 
 
 def init_app(app: Flask, settings) -> None:

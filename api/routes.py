@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest
 from werkzeug.sansio.utils import get_current_url
 
-from api.auth import authenticated, caller_key_id
+from api.auth import authenticated, caller_key_id, job_scope
 from api.errors import ApiError
 from api.events import EventHub, event_stream
 from api.openapi import build_openapi
@@ -135,11 +135,13 @@ def generate():
 
 @jobs_bp.get("/jobs")
 def list_jobs():
-    """The caller's jobs (those submitted with its API key; all jobs when the API is open),
-    newest first, a page at a time."""
+    """The caller's jobs (those submitted with its API key; all jobs for an admin key, and when
+    the API is open), newest first, a page at a time."""
     query = JobListQuery.model_validate(request.args.to_dict())  # a repeated parameter: the first
+    scope = job_scope()
     try:
-        page = _service().list_jobs(caller_key_id(), status=query.status,
+        page = _service().list_jobs("*" if scope is None and caller_key_id() else caller_key_id(),
+                                    status=query.status,
                                     generation_request_id=query.generation_request_id,
                                     limit=query.limit, cursor=query.cursor)
     except InvalidCursor as exc:
@@ -155,17 +157,18 @@ def list_jobs():
 
 @jobs_bp.get("/jobs/<job_id>")
 def job_status(job_id: str):
-    """State, per-stem progress and, once done, stem URLs."""
+    """State, per-stem progress and, once done, stem URLs (404 for another key's job)."""
     _check_job_id(job_id)
-    job = _service().get(job_id)
+    job = _service().get(job_id, job_scope())
     return jsonify(JobStatus.model_validate(job).model_dump(mode="json"))
 
 
 @jobs_bp.delete("/jobs/<job_id>")
 def cancel_job(job_id: str):
-    """Cancel the job (202 with its state, ``cancelling``); 409 once it has finished."""
+    """Cancel the job (202 with its state, ``cancelling``); 409 once it has finished; 404 for
+    another key's job."""
     _check_job_id(job_id)
-    job = _service().cancel(job_id)
+    job = _service().cancel(job_id, job_scope())
     response = jsonify(JobStatus.model_validate(job).model_dump(mode="json"))
     response.status_code = 202
     return response
@@ -184,7 +187,7 @@ def job_events(job_id: str):
     service = _service()
     hub = _event_hub()
     with hub.setup_slots:  # a reconnect storm must not take the Redis pool (api.events)
-        job = service.get(job_id)  # 404, 503
+        job = service.get(job_id, job_scope())  # 404 (also another key's job), 503
         subscription = hub.subscribe(job_id)  # before the backlog is read: nothing falls between
         try:
             backlog = service.job_events(job_id, after)

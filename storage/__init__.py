@@ -4,12 +4,15 @@ from storage.blob import (
     BlobNotFound,
     BlobStore,
     BlobTooLarge,
+    InvalidBlobName,
     StorageError,
     StorageUnavailable,
     StoredBlob,
     blob_name_for,
+    source_blob_name,
     store_from_settings,
 )
 
-__all__ = ["BlobNotFound", "BlobStore", "BlobTooLarge", "StorageError", "StorageUnavailable",
-           "StoredBlob", "blob_name_for", "store_from_settings"]
+__all__ = ["BlobNotFound", "BlobStore", "BlobTooLarge", "InvalidBlobName", "StorageError",
+           "StorageUnavailable", "StoredBlob", "blob_name_for", "source_blob_name",
+           "store_from_settings"]

@@ -55,10 +55,31 @@ class StoredBlob:
     size_bytes: int
 
 
-def blob_name_for(generation_request_id: str, stem: str, extension: str = "wav") -> str:
-    """Blob name of one stem: ``{generation_request_id}/{stem}.{extension}``; the extension is
-    the file's format (wav, flac or mp3: parameters.output)."""
-    return f"{generation_request_id}/{stem}.{extension}"
+def blob_name_for(job_id: str, stem: str, extension: str = "wav") -> str:
+    """Blob name of one stem: ``{job_id}/{stem}.{extension}``; the extension is the file's format
+    (wav, flac or mp3: parameters.output). Job ids are random and unique, so two API keys never
+    write one blob (their generation_request_ids may be equal)."""
+    return f"{job_id}/{stem}.{extension}"
+
+
+class InvalidBlobName(StorageError):
+    """A blob name a caller gave that could leave its prefix ("." or ".." segments, a leading
+    "/", an empty segment)."""
+
+
+def source_blob_name(owner: str, audio_file_id: str) -> str:
+    """The blob of a tenant's source song: ``{owner}/{audio_file_id}`` in the source container
+    (``owner``: the API key's identifier, api.auth.key_id), or ``audio_file_id`` itself without
+    API keys (an open API).
+
+    Raises:
+        InvalidBlobName: ``audio_file_id`` has a "." or ".." segment, an empty segment or a
+            leading "/" (it could name a blob under another prefix once resolved).
+    """
+    segments = audio_file_id.split("/")
+    if any(segment in ("", ".", "..") for segment in segments) or "\\" in audio_file_id:
+        raise InvalidBlobName(f"audio_file_id {audio_file_id!r} is not a plain blob name")
+    return f"{owner}/{audio_file_id}" if owner else audio_file_id
 
 
 class BlobStore:

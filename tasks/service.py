@@ -15,7 +15,8 @@ from stemgen_settings import Settings
 from storage import StorageError, store_from_settings
 from tasks.app import app as celery_app
 from tasks.jobstore import (EVENT_ID, FINAL_JOB_STATES, EventFeed, IdempotencyConflict, InvalidCursor,
-                            JobEvent, JobFinished, JobNotFound, JobPage, JobStore, Submission,
+                            JobEvent, JobFinished, JobNotFound, JobPage, JobStore, LimitExceeded,
+                            Submission,
                             event_id_key)
 from tasks.planning import make_job_plan, plan_known_at_submission
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EVENT_ID", "FINAL_JOB_STATES", "ComponentHealth", "EventFeed", "IdempotencyConflict",
            "InvalidCursor", "JobEvent", "JobFinished", "JobNotFound", "JobPage", "JobService",
+           "LimitExceeded",
            "ServiceUnavailable", "Submission", "event_id_key"]
 
 #: What the job store raises when it cannot be reached (the gateway does not talk to the broker).
@@ -60,51 +62,58 @@ class JobService:
         so a job is accepted while the broker is down and dispatched when it is back. The job's
         musical plan is made here and stored with it, unless it waits for the source audio's
         analysis (tasks.planning). ``owner`` identifies the API key the job is submitted with
-        (api.auth.key_id; "" without keys); a repeated request keeps the first owner.
+        (api.auth.key_id; "" without keys): the generation_request_id's idempotency is that key's,
+        and the key's limits (MAX_ACTIVE_JOBS_PER_KEY, MAX_SUBMISSIONS_PER_MINUTE_PER_KEY) apply.
 
         Raises:
-            tasks.jobstore.IdempotencyConflict: same generation_request_id, different body.
+            tasks.jobstore.IdempotencyConflict: same generation_request_id and key, different body.
+            tasks.jobstore.LimitExceeded: a new job over one of the key's limits.
             ServiceUnavailable: the job store is unreachable (retry the same request).
         """
         stems = list(dict.fromkeys(request["target_stems"]))
         plan = (make_job_plan(request, self.settings.beats_per_bar)
                 if plan_known_at_submission(request["parameters"]) else None)
         try:
-            submission = self.jobs.create(request, stems, callback_url, plan, owner=owner)
+            submission = self.jobs.create(
+                request, stems, callback_url, plan, owner=owner,
+                max_active_jobs=self.settings.max_active_jobs_per_key,
+                max_submissions_per_minute=self.settings.max_submissions_per_minute_per_key)
             if submission.created:
                 return submission
             return replace(submission, status=self.jobs.get(submission.job_id)["status"])
         except _UNREACHABLE as exc:
             raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
 
-    def get(self, job_id: str) -> dict:
-        """The job record.
+    def get(self, job_id: str, owner: str | None = None) -> dict:
+        """The job record; with ``owner``, only when that key submitted it (JobStore.get).
 
         Raises:
             tasks.jobstore.JobNotFound. ServiceUnavailable: the job store is unreachable.
         """
         try:
-            return self.jobs.get(job_id)
+            return self.jobs.get(job_id, owner)
         except _UNREACHABLE as exc:
             raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
 
-    def cancel(self, job_id: str) -> dict:
-        """Request the job's cancellation (JobStore.request_cancel) and return its record.
+    def cancel(self, job_id: str, owner: str | None = None) -> dict:
+        """Request the job's cancellation (JobStore.request_cancel) and return its record; with
+        ``owner``, only when that key submitted it.
 
         Raises:
             tasks.jobstore.JobNotFound, tasks.jobstore.JobFinished. ServiceUnavailable: the job
             store is unreachable.
         """
         try:
-            self.jobs.request_cancel(job_id)
-            return self.jobs.get(job_id)
+            self.jobs.request_cancel(job_id, owner)
+            return self.jobs.get(job_id, owner)
         except _UNREACHABLE as exc:
             raise ServiceUnavailable(f"job store unreachable: {exc.__class__.__name__}") from exc
 
     def list_jobs(self, owner: str, *, status: str | None = None,
                   generation_request_id: str | None = None, limit: int = 20,
                   cursor: str | None = None) -> JobPage:
-        """The jobs submitted with the key ``owner`` identifies, newest first (JobStore.list_jobs).
+        """The jobs submitted with the key ``owner`` identifies ("*": every job), newest first
+        (JobStore.list_jobs).
 
         Raises:
             tasks.jobstore.InvalidCursor. ServiceUnavailable: the job store is unreachable.

@@ -1,6 +1,8 @@
 """The user's song (``audio_file_id``) for ``condition_on_audio``: fetched, decoded, analysed.
 
-The source is the blob named ``audio_file_id`` in ``SOURCE_AUDIO_CONTAINER``, or the request's
+The source is the blob named ``audio_file_id`` in ``SOURCE_AUDIO_CONTAINER`` under the prefix of
+the API key that submitted the job (``{key id}/{audio_file_id}``, storage.source_blob_name: one
+tenant cannot condition on another's song; no prefix without API keys), or the request's
 ``source_audio_url`` (fetched through the same SSRF guard as callbacks: only public addresses, or
 those the operator allowed). Limits: ``SOURCE_AUDIO_MAX_BYTES`` for the file and
 ``SOURCE_AUDIO_MAX_SECONDS`` for the decoded audio. Anything wrong with the source itself (missing,
@@ -22,7 +24,8 @@ import soundfile as sf
 from stems.analysis import AnalysisError, KeyEstimate, chromagram, key_from_chroma
 from stems.audio import decode_audio
 from stems.tempo import estimate_tempo
-from storage import BlobNotFound, BlobTooLarge, StorageError, StorageUnavailable, store_from_settings
+from storage import (BlobNotFound, BlobTooLarge, InvalidBlobName, StorageError, StorageUnavailable,
+                     source_blob_name, store_from_settings)
 from tasks.callback_target import CallbackPolicy, UnsafeCallbackURL, guarded_session
 
 #: Seconds of the source analysed for tempo and key (its beginning; enough for a stable estimate).
@@ -83,13 +86,16 @@ def fetch_source_bytes(request: dict, settings) -> tuple[bytes, str]:
     url = request["parameters"].get("source_audio_url")
     if url:
         return _fetch_url(url, limit, settings), url.split("?", 1)[0]
-    name = request["audio_file_id"]
+    try:
+        name = source_blob_name(request.get("owner", ""), request["audio_file_id"])
+    except InvalidBlobName as exc:
+        raise SourceAudioError(str(exc)) from None
     store = store_from_settings(settings, container=settings.source_audio_container)
     try:
         data = store.download(name, max_bytes=limit)
     except BlobNotFound:
-        raise SourceAudioError(f"no source audio {name!r} in container "
-                               f"{settings.source_audio_container!r}") from None
+        raise SourceAudioError(f"no source audio {request['audio_file_id']!r} in container "
+                               f"{settings.source_audio_container!r} for this API key") from None
     except BlobTooLarge as exc:
         raise SourceAudioError(f"source audio too large: {exc} (SOURCE_AUDIO_MAX_BYTES)") from None
     except StorageUnavailable:

@@ -120,6 +120,8 @@ def send_job_chord(job: dict) -> None:
         kombu.exceptions.OperationalError (and the transport's errors): the broker is unreachable.
     """
     job_id, request = job["job_id"], job["request"]
+    if job.get("owner"):  # whose source songs the tasks may read (tasks.source_audio)
+        request = {**request, "owner": job["owner"]}
     stems = [state["stem"] for state in job["stems"]]
     settings = app.stemgen_settings
     # the queue of the workers holding the job's model (one queue per served model)
@@ -152,7 +154,7 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
     """Upload a rendered stem, analyse it against the plan, record it completed; its result.
     The blob's extension and content type, and the result's format fields, are the rendered
     file's (parameters.output)."""
-    blob_name = blob_name_for(request["generation_request_id"], stem, rendered.extension)
+    blob_name = blob_name_for(job_id, stem, rendered.extension)
     stored = store_from_settings(settings).upload(
         blob_name, rendered.data, content_type=rendered.content_type,
         metadata={"stem": stem, "bpm": f"{plan.bpm:g}", "format": rendered.extension,

@@ -33,6 +33,13 @@ that is sooner; its entry ids are the events' ids (``Last-Event-ID`` of
 ``GET /jobs/<id>/events``). ``EventFeed`` reads many streams with one blocking ``XREAD``, so a
 gateway process needs one Redis connection for all of its event streams (api.events).
 
+Tenancy: a job belongs to the API key that submitted it (``owner``, the key's identifier, never the
+key). ``get`` and ``request_cancel`` find only the owner's jobs when asked for one owner (another
+key's job is JobNotFound, as an unknown id); the idempotency claim of a ``generation_request_id``
+is per owner (``stemgen:request-of:{owner}:{id}``; without keys the one global claim
+``stemgen:request:{id}`` of before). ``create`` also enforces the owner's limits (active jobs, from
+the set ``stemgen:live-jobs:{owner}``, and submissions a minute) in the same script.
+
 Job list: ``create`` also puts the job in a sorted set scored by creation time, one per API key
 (``stemgen:job-index:{owner}``, the key's identifier, never the key), trimmed to the job TTL and
 expiring with it; ``list_jobs`` pages through it newest first and drops entries whose record expired.
@@ -47,11 +54,11 @@ from tasks.jobstore.protocol import EventFeed
 from tasks.jobstore.records import (DELIVERY_STATES, EVENT_ID, EVENTS_KEEP_AFTER_FINISH_SECONDS,
                                     EVENTS_MAXLEN, FINAL_JOB_STATES, JOB_STATES, STEM_STATES,
                                     IdempotencyConflict, JobEvent, JobFinished, JobNotFound,
-                                    Submission, canonical_json, event_id_key, request_fingerprint)
+                                    LimitExceeded, Submission, canonical_json, event_id_key, request_fingerprint)
 from tasks.jobstore.store import JobStore
 
 __all__ = ["DELIVERY_STATES", "EVENT_ID", "EVENTS_KEEP_AFTER_FINISH_SECONDS", "EVENTS_MAXLEN",
            "FINAL_JOB_STATES", "JOB_STATES", "LIST_SCAN_MAX", "STEM_STATES", "EventFeed",
            "IdempotencyConflict", "InvalidCursor", "JobEvent", "JobFinished", "JobNotFound",
-           "JobPage", "JobStore", "Submission", "canonical_json", "event_id_key",
+           "JobPage", "JobStore", "LimitExceeded", "Submission", "canonical_json", "event_id_key",
            "request_fingerprint"]

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from tasks.jobstore.records import _STEMS, _stem_states, index_key, job_key, request_key
+from tasks.jobstore.records import ALL_JOBS, _STEMS, _stem_states, index_key, job_key, request_key
 
 #: Most index entries ``list_jobs`` examines per call (a status filter may match few of them).
 LIST_SCAN_MAX = 1000
@@ -42,7 +42,8 @@ class OwnerIndexMixin:
                   cursor: str | None = None) -> JobPage:
         """The jobs submitted with the key ``owner`` identifies (see ``create``), newest first,
         ``limit`` at a time, optionally only those in ``status`` or the one job of
-        ``generation_request_id``; ``cursor`` is the previous page's ``next_cursor``.
+        ``generation_request_id``; ``cursor`` is the previous page's ``next_cursor``. ``owner``
+        "*" (records.ALL_JOBS: an admin key) lists every job.
 
         Index entries whose record expired are skipped and removed. At most LIST_SCAN_MAX entries
         are examined per call, so a page may hold fewer than ``limit`` jobs (even none) and still
@@ -52,11 +53,12 @@ class OwnerIndexMixin:
             InvalidCursor: ``cursor`` was not made here.
         """
         after = _decode_cursor(cursor) if cursor else None
-        if generation_request_id is not None:
+        if generation_request_id is not None and owner != ALL_JOBS:
             return JobPage(self._job_of_request(owner, generation_request_id, status, after), None)
         index = self._index_key(owner)
-        # Without a status filter one more entry than asked tells whether there is a next page.
-        batch_size = limit + 1 if status is None else min(max(4 * limit, 50), 200)
+        # Without a filter one more entry than asked tells whether there is a next page.
+        filtered = status is not None or generation_request_id is not None
+        batch_size = limit + 1 if not filtered else min(max(4 * limit, 50), 200)
         jobs: list[dict] = []
         gone: list[str] = []
         scanned, exhausted = 0, False
@@ -72,7 +74,8 @@ class OwnerIndexMixin:
                 after = (score, job_id)
                 if record is None:
                     gone.append(job_id)
-                elif status is None or record[1]["status"] == status:
+                elif ((status is None or record[1]["status"] == status)
+                      and generation_request_id in (None, record[1]["generation_request_id"])):
                     jobs.append(record[1])
         if gone:
             self._redis.zrem(index, *gone)
@@ -114,7 +117,9 @@ class OwnerIndexMixin:
                         after: tuple[float, str] | None) -> list[dict]:
         """The job of a generation_request_id (its idempotency claim), when ``owner`` submitted it,
         it is in ``status`` (when given) and it comes after the cursor ``after``."""
-        claim = self._redis.get(request_key(generation_request_id))
+        # the owner's claim, else one made before claims were per key (records.request_key)
+        claim = (self._redis.get(request_key(generation_request_id, owner))
+                 or self._redis.get(request_key(generation_request_id)))
         try:
             job_id = json.loads(claim)["job_id"] if claim else None
         except (ValueError, TypeError, KeyError):

@@ -32,8 +32,22 @@ def job_key(job_id: str) -> str:
     return f"{_PREFIX}:job:{job_id}"
 
 
-def request_key(generation_request_id: str) -> str:
+def request_key(generation_request_id: str, owner: str = "") -> str:
+    """The idempotency claim of a generation_request_id: one per API key (``owner``); without keys
+    (an open API) the one global claim, as before claims were per key."""
+    if owner:
+        return f"{_PREFIX}:request-of:{owner}:{generation_request_id}"
     return f"{_PREFIX}:request:{generation_request_id}"
+
+
+def live_jobs_key(owner: str) -> str:
+    """The set of an API key's jobs not yet finished (its active-jobs limit counts them)."""
+    return f"{LIVE_JOBS_PREFIX}{owner}"
+
+
+def submissions_key(owner: str) -> str:
+    """An API key's submissions of the last minute (sorted set scored by time)."""
+    return f"{_PREFIX}:submissions:{owner}"
 
 
 def events_key(job_id: str) -> str:
@@ -49,6 +63,10 @@ def index_key(owner: str) -> str:
     return f"{_PREFIX}:job-index:{owner or '_'}"
 
 
+#: Prefix of the owners' live-job sets (the finish script names the set from the record's owner).
+LIVE_JOBS_PREFIX = f"{_PREFIX}:live-jobs:"
+#: The index of every job (GET /jobs of an admin key); "*" is no key identifier (those are hex).
+ALL_JOBS = "*"
 #: The outbox: jobs due for dispatch, scored by when they are next due.
 OUTBOX = f"{_PREFIX}:outbox"
 #: Pending callback deliveries, scored by when their next attempt is due.
@@ -76,6 +94,20 @@ class IdempotencyConflict(ValueError):
                          f"different request (job {job_id})")
         self.generation_request_id = generation_request_id
         self.job_id = job_id
+
+
+class LimitExceeded(Exception):
+    """A submission over one of its API key's limits (nothing was recorded).
+
+    Attributes:
+        limit: "max_active_jobs" or "max_submissions_per_minute". value: the configured maximum.
+        retry_after_seconds: when a retry may pass (whole seconds, at least 1).
+    """
+
+    def __init__(self, limit: str, value: int, retry_after_seconds: int):
+        super().__init__(f"limit {limit} ({value}) reached for this API key; retry after "
+                         f"{retry_after_seconds} s")
+        self.limit, self.value, self.retry_after_seconds = limit, value, retry_after_seconds
 
 
 @dataclass(frozen=True)

@@ -21,30 +21,73 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 """
 
-# KEYS: request key, new job key, outbox, job's event stream, owner's job index (sorted set).
+# KEYS: request key (the owner's), new job key, outbox, job's event stream, owner's job index
+# (sorted set), the request's claim from before claims were per key, the index of every job, the
+# owner's live jobs (set), the owner's submissions of the last minute (sorted set).
 # ARGV: claim JSON, ttl, job key prefix, job id, events maxlen, "queued" event data, creation time
-# (index score), index entries older than this are dropped, then the record's fields. An existing
-# claim wins while its record exists; a claim whose record is gone is replaced. A new job is due in
-# the outbox at once, has its first event, and enters its owner's index (which lives as long as
-# its newest job).
+# (index score), index entries older than this are dropped, owner ("" without API keys), most live
+# jobs (0: no limit), most submissions a minute (0: no limit), then the record's fields.
+#
+# An existing claim wins while its record exists; a claim whose record is gone is replaced. A
+# claim made before claims were per key counts when its job is this owner's. Only then are the
+# limits checked (a repeated request is never refused): live jobs are the owner's set, from which
+# jobs that finished or expired are dropped first (nothing to drift); submissions are counted over
+# the last 60 s. A refusal returns {"limit", name, seconds until a retry may pass}. A new job is
+# due in the outbox at once, has its first event, and enters its owner's index (which lives as long
+# as its newest job), the index of every job and its owner's live jobs.
 _CREATE = _NOW + """
+local function live_claim(text)
+  local ok, existing = pcall(cjson.decode, text)
+  if ok and type(existing) == 'table' and existing['job_id'] then
+    return existing['job_id']
+  end
+  return nil
+end
 local claim = redis.call('GET', KEYS[1])
 if claim then
-  local ok, existing = pcall(cjson.decode, claim)
-  if ok and type(existing) == 'table' and existing['job_id']
-     and redis.call('EXISTS', ARGV[3] .. existing['job_id']) == 1 then
-    return claim
+  local id = live_claim(claim)
+  if id and redis.call('EXISTS', ARGV[3] .. id) == 1 then return claim end
+elseif ARGV[9] ~= '' then
+  local legacy = redis.call('GET', KEYS[6])
+  if legacy then
+    local id = live_claim(legacy)
+    if id and redis.call('HGET', ARGV[3] .. id, 'owner') == ARGV[9] then return legacy end
   end
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 9))
+local max_live, max_rate = tonumber(ARGV[10]), tonumber(ARGV[11])
+if max_live > 0 then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[8])) do
+    local key = ARGV[3] .. id
+    if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'finished_at') == 1 then
+      redis.call('SREM', KEYS[8], id)
+    end
+  end
+  if redis.call('SCARD', KEYS[8]) >= max_live then return {'limit', 'max_active_jobs', 0} end
+end
+if max_rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now - 60)
+  if redis.call('ZCARD', KEYS[9]) >= max_rate then
+    local oldest = redis.call('ZRANGE', KEYS[9], 0, 0, 'WITHSCORES')
+    return {'limit', 'max_submissions_per_minute', tostring(tonumber(oldest[2]) + 60 - now)}
+  end
+  redis.call('ZADD', KEYS[9], now, ARGV[4])
+  redis.call('EXPIRE', KEYS[9], 61)
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[3], now, ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'type', 'job', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
-redis.call('ZADD', KEYS[5], ARGV[7], ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[8])
-redis.call('EXPIRE', KEYS[5], ARGV[2])
+for _, index in ipairs({KEYS[5], KEYS[7]}) do
+  redis.call('ZADD', index, ARGV[7], ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. ARGV[8])
+  redis.call('EXPIRE', index, ARGV[2])
+end
+if ARGV[9] ~= '' then
+  redis.call('SADD', KEYS[8], ARGV[4])
+  redis.call('EXPIRE', KEYS[8], ARGV[2])
+end
 return false
 """
 
@@ -77,14 +120,17 @@ return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 """
 
 # KEYS: job key, its event stream. ARGV: events maxlen, the final "job" event's data, seconds the
-# stream is kept from now, then field/value pairs. Sets them, and emits the event, only when the
-# job exists and is not finished; the stream then expires sooner than the record, unless the record
-# expires first.
+# stream is kept from now, the prefix of the owners' live-job sets, the job id, then field/value
+# pairs. Sets them, and emits the event, only when the job exists and is not finished; the stream
+# then expires sooner than the record, unless the record expires first. The job leaves its owner's
+# live jobs (the set is named from the record's owner: a single Redis, not a cluster).
 _FINISH = _EMIT + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then redis.call('SREM', ARGV[4] .. owner, ARGV[5]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 emit(ARGV[1], 'job', ARGV[2])
 local keep = tonumber(ARGV[3]) * 1000
 local ttl = redis.call('PTTL', KEYS[2])
@@ -110,11 +156,13 @@ emit(ARGV[5], ARGV[6], ARGV[7])
 return 1
 """
 
-# KEYS: job key, its event stream. ARGV: now, events maxlen, the "cancelling" job event's data.
-# -1: no such job; 0: the job is finished (nothing changes); 1: cancellation requested (now, or
-# already before: the state and event are written once).
+# KEYS: job key, its event stream. ARGV: now, events maxlen, the "cancelling" job event's data, the
+# caller's owner id, or "*" for a caller who may cancel every job. -1: no such job (or another
+# owner's); 0: the job is finished (nothing changes); 1: cancellation requested (now, or already
+# before: the state and event are written once).
 _CANCEL = _EMIT + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[4] ~= '*' and (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[4] then return -1 end
 if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return 0 end
 if redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'state', 'cancelling', 'updated_at', ARGV[1])

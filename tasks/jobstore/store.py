@@ -4,6 +4,7 @@ operations of its mixins (see tasks.jobstore)."""
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 
@@ -17,6 +18,8 @@ from tasks.jobstore.delivery_locks import DeliveryMixin
 from tasks.jobstore.outbox import OutboxMixin
 from tasks.jobstore.owner_index import OwnerIndexMixin
 from tasks.jobstore.protocol import EventFeed
+from tasks.jobstore.records import (ALL_JOBS, LIVE_JOBS_PREFIX, LimitExceeded, live_jobs_key,
+                                    submissions_key)
 from tasks.jobstore.records import (EVENTS_KEEP_AFTER_FINISH_SECONDS, EVENTS_MAXLEN, JOB_STATES,
                                     STEM_STATES, IdempotencyConflict, JobEvent, JobFinished,
                                     JobNotFound, Submission, _event_data, _stem_states,
@@ -64,8 +67,11 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
         return job_key(job_id)
 
     @staticmethod
-    def _request_key(generation_request_id: str) -> str:
-        return request_key(generation_request_id)
+    def _request_key(generation_request_id: str, owner: str = "") -> str:
+        return request_key(generation_request_id, owner)
+
+    #: Retry-After of a refusal for too many active jobs (when one finishes cannot be known).
+    active_retry_after_seconds = 30
 
     @staticmethod
     def _events_key(job_id: str) -> str:
@@ -73,13 +79,21 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
 
     # --- writes -----------------------------------------------------------------------------------
     def create(self, request: dict, stems: list[str], callback_url: str | None,
-               plan: dict | None = None, *, owner: str = "") -> Submission:
+               plan: dict | None = None, *, owner: str = "", max_active_jobs: int = 0,
+               max_submissions_per_minute: int = 0) -> Submission:
         """Record a new job, or return the existing one for the same generation_request_id.
 
         ``plan`` is the job's musical plan (stems.plan.MusicalPlan.to_dict) when it is known at
         submission; otherwise the first worker to make it records it (``claim_plan``). ``owner``
         identifies the API key the job was submitted with (api.auth.key_id; never the key itself;
-        "" without keys): ``list_jobs`` shows a caller its own jobs.
+        "" without keys): ``list_jobs`` shows a caller its own jobs, ``get`` and
+        ``request_cancel`` find only its own, and the idempotency claim of the
+        generation_request_id is the owner's (two keys never share one).
+
+        ``max_active_jobs`` and ``max_submissions_per_minute`` (0: no limit) are the owner's
+        limits, checked in the same script as the record is written, so that gateways submitting
+        at once cannot overrun them; they apply to a new job of an owner, never to a repeated
+        request, nor without keys.
 
         One Redis round trip. A created job is due in the outbox at once (see ``claim_due``), has
         its "queued" event and is in its owner's index. Only what differs per job is written;
@@ -87,12 +101,13 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
         ``get``.
 
         Raises:
-            IdempotencyConflict: the id was used with a different body.
+            IdempotencyConflict: the id was used with this owner with a different body.
+            LimitExceeded: a new job over one of the owner's limits.
         """
         canonical = canonical_json(request)
         fingerprint = request_fingerprint(request, canonical)
         job_id = secrets.token_hex(16)
-        request_key = self._request_key(request["generation_request_id"])
+        request_key = self._request_key(request["generation_request_id"], owner)
         claim = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         now = time.time()
         fields = {
@@ -110,13 +125,22 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
             fields["owner"] = owner
         pairs = [str(item) for kv in fields.items() for item in kv]
         event = _event_data(job_id=job_id, status="queued")
+        if not owner:
+            max_active_jobs = max_submissions_per_minute = 0
         existing = self._create(
             keys=[request_key, self._job_key(job_id), self._OUTBOX, self._events_key(job_id),
-                  self._index_key(owner)],
+                  self._index_key(owner), self._request_key(request["generation_request_id"]),
+                  self._index_key(ALL_JOBS), live_jobs_key(owner), submissions_key(owner)],
             args=[claim, self.ttl, self._job_key(""), job_id, EVENTS_MAXLEN, event, repr(now),
-                  repr(now - self.ttl), *pairs])
+                  repr(now - self.ttl), owner, int(max_active_jobs),
+                  int(max_submissions_per_minute), *pairs])
         if existing is None:
             return Submission(job_id, created=True)
+        if isinstance(existing, list):  # {"limit", name, seconds}
+            name, wait = existing[1], float(existing[2])
+            value = max_active_jobs if name == "max_active_jobs" else max_submissions_per_minute
+            raise LimitExceeded(name, value, max(1, math.ceil(wait)) if wait > 0 else
+                                self.active_retry_after_seconds)
         existing = json.loads(existing)
         if existing.get("fingerprint") != fingerprint:
             raise IdempotencyConflict(request["generation_request_id"], existing.get("job_id", ""))
@@ -149,19 +173,21 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
                                 "1" if status == "running" else "0", EVENTS_MAXLEN, kind, event,
                                 _event_data(job_id=job_id, status="running")])
 
-    def request_cancel(self, job_id: str) -> None:
+    def request_cancel(self, job_id: str, owner: str | None = None) -> None:
         """Ask for the job to stop: its state becomes ``cancelling`` (with a "job" event) and its
         stem tasks see ``cancel_requested``: a queued stem never starts, a running one stops at
         the batch's next decoding step, finished stems stay stored; finalize then records
-        ``cancelled``. Asking again changes nothing.
+        ``cancelled``. Asking again changes nothing. ``owner``: only a job of that owner is
+        found (None: any job; see ``get``).
 
         Raises:
-            JobNotFound: no such job.
+            JobNotFound: no such job (or another owner's).
             JobFinished: the job already has a final state.
         """
         answer = self._cancel(keys=[self._job_key(job_id), self._events_key(job_id)],
                               args=[repr(time.time()), EVENTS_MAXLEN,
-                                    _event_data(job_id=job_id, status="cancelling")])
+                                    _event_data(job_id=job_id, status="cancelling"),
+                                    "*" if owner is None else owner])
         if answer == -1:
             raise JobNotFound(job_id)
         if answer == 0:
@@ -187,7 +213,7 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
         False (and changes nothing) when the job was already finished or does not exist.
 
         The final "job" event is written with it; the job's event stream is then kept for
-        EVENTS_KEEP_AFTER_FINISH_SECONDS."""
+        EVENTS_KEEP_AFTER_FINISH_SECONDS, and the job leaves its owner's live jobs."""
         if state not in JOB_STATES:
             raise ValueError(f"unknown job state {state!r}")
         now = time.time()
@@ -197,17 +223,21 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
         event = _event_data(job_id=job_id, status=state, error=callback_payload.get("error"))
         return bool(self._finish(keys=[self._job_key(job_id), self._events_key(job_id)],
                                  args=[EVENTS_MAXLEN, event, EVENTS_KEEP_AFTER_FINISH_SECONDS,
-                                       *pairs]))
+                                       LIVE_JOBS_PREFIX, job_id, *pairs]))
 
     # --- reads --------------------------------------------------------------------------------------
-    def get(self, job_id: str) -> dict:
+    def get(self, job_id: str, owner: str | None = None) -> dict:
         """The job's record as plain data (see api.schemas.JobStatus for the shape).
+
+        ``owner``: only a job submitted with that API key identifier is found, any other is
+        JobNotFound, as an unknown id is (existence cannot be probed); None: any job (workers, an
+        admin key, an open API).
 
         Raises:
             JobNotFound.
         """
         raw = self._redis.hgetall(self._job_key(job_id))
-        if not raw:
+        if not raw or (owner is not None and raw.get("owner", "") != owner):
             raise JobNotFound(job_id)
         stem_states = _stem_states(json.loads(raw["stems"]), raw)
         for state in stem_states:
@@ -227,6 +257,7 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
         payload = json.loads(raw["callback_payload"]) if raw.get("callback_payload") else None
         return {
             "job_id": raw["job_id"],
+            "owner": raw.get("owner", ""),
             "generation_request_id": request["generation_request_id"],
             "audio_file_id": request.get("audio_file_id"),
             "status": raw["state"],

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from api import create_app
+from api.auth import key_id_of
 from stemgen_settings import load_settings
 from tasks.jobstore import EVENTS_KEEP_AFTER_FINISH_SECONDS
 from tests.api.conftest import JOB_STORE_URL as URL
@@ -37,7 +38,8 @@ def client(app):
 def new_job(service, rid="gen-1", stems=("guitar", "bass")) -> str:
     return service.submit({"generation_request_id": rid, "audio_file_id": "a",
                            "target_stems": list(stems),
-                           "parameters": {"target_bpm": 120.0, "duration_seconds": 4.0}}, None).job_id
+                           "parameters": {"target_bpm": 120.0, "duration_seconds": 4.0}}, None,
+                          owner=key_id_of(KEY)).job_id
 
 
 def run_job(service, job_id, stems=("guitar", "bass"), steps=5, pause=0.0):

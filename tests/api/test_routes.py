@@ -33,12 +33,12 @@ class FakeService:
         }
         return Submission(job_id, created=True)
 
-    def get(self, job_id):
+    def get(self, job_id, owner=None):
         if job_id not in self.jobs:
             raise JobNotFound(job_id)
         return self.jobs[job_id]
 
-    def cancel(self, job_id):
+    def cancel(self, job_id, owner=None):
         job = self.get(job_id)
         if job["status"] in ("completed", "failed", "partial", "cancelled"):
             raise JobFinished(job_id, job["status"])

@@ -63,7 +63,7 @@ def test_three_stems_end_to_end(stack, receiver):
     assert set(stems) == {"guitar", "bass", "drums"}
     for name, stem in stems.items():
         assert stem["status"] == "completed"
-        assert stem["blob_name"] == f"{body['generation_request_id']}/{name}.wav"
+        assert stem["blob_name"] == f"{accepted['job_id']}/{name}.wav"
         assert stem["sample_rate"] == SAMPLE_RATE and stem["format"] == "wav"
         assert stem["bit_depth"] == 24 and stem["content_type"] == "audio/wav"
         assert stem["bpm"] == 120.0

@@ -85,7 +85,7 @@ def test_flac_44k_16_bit_stereo_from_a_mono_model(output_stack):
     body, callback = submit(output_stack, ["guitar", "bass"], output)
     assert {s["stem"] for s in callback["stems"]} == {"guitar", "bass"}
     for stem in callback["stems"]:
-        assert stem["blob_name"] == f"{body['generation_request_id']}/{stem['stem']}.flac"
+        assert stem["blob_name"] == f"{callback['job_id']}/{stem['stem']}.flac"
         assert stem["url"].split("?")[0].endswith(f"/{stem['stem']}.flac")
         assert stem["format"] == "flac" and stem["content_type"] == "audio/flac"
         assert stem["sample_rate"] == 44100 and stem["bit_depth"] == 16 and stem["channels"] == 2
@@ -108,7 +108,7 @@ def test_mp3_ensemble_at_the_default_rate(output_stack):
     lengths = set()
     for stem in callback["stems"]:
         assert stem["arrangement"] == "ensemble"
-        assert stem["blob_name"] == f"{body['generation_request_id']}/{stem['stem']}.mp3"
+        assert stem["blob_name"] == f"{callback['job_id']}/{stem['stem']}.mp3"
         assert stem["format"] == "mp3" and stem["content_type"] == "audio/mpeg"
         assert stem["sample_rate"] == 48000 and stem["bitrate_kbps"] == 192
         assert stem["channels"] == 1 and stem["channels_source"] == "model"  # the model's own
@@ -129,7 +129,7 @@ def test_mp3_320_independent_stem_meets_the_loudness_target(output_stack):
     # (the tiny model's independent stems are not peaky: the target is reachable, and met)
     body, callback = submit(output_stack, ["bass"], {"format": "mp3", "channels": 2})
     (stem,) = callback["stems"]
-    assert stem["blob_name"] == f"{body['generation_request_id']}/bass.mp3"
+    assert stem["blob_name"] == f"{callback['job_id']}/bass.mp3"
     assert stem["bitrate_kbps"] == 320 and stem["channels_source"] == "duplicated"
     got = download(stem)
     assert got["content_type"] == "audio/mpeg"

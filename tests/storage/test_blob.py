@@ -16,7 +16,7 @@ def store():
 
 
 def test_blob_name():
-    assert blob_name_for("gen-123", "guitar") == "gen-123/guitar.wav"
+    assert blob_name_for("0f" * 16, "guitar") == "0f" * 16 + "/guitar.wav"
 
 
 def test_upload_creates_container_and_serves_sas_url(store):
