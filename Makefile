@@ -59,6 +59,18 @@ $(KEDA_SCHEMA):
 	.tools/keda/node_modules/.bin/ts-json-schema-generator --tsconfig .tools/keda/tsconfig.json --path .tools/keda/node_modules/@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject.d.ts --type IScaledObject --expose none --out $(KEDA_SCHEMA).tmp
 	mv $(KEDA_SCHEMA).tmp $(KEDA_SCHEMA)
 
+# promtool (and prometheus, for tests/integration/test_alerts_live.py): Debian's prometheus package.
+PROMTOOL := /usr/bin/promtool
+install: $(PROMTOOL)
+$(PROMTOOL):
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+
+# The alert rules, the PrometheusRule and the Grafana dashboard, written from deploy/monitoring
+# (committed; tests/monitoring fails when they are out of date).
+.PHONY: monitoring
+monitoring:
+	$(PY) -m deploy.monitoring.build
+
 services: install
 	bash deploy/local/services.sh
 

@@ -522,6 +522,7 @@ def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
         countdown = delivery_countdown(settings, attempts, time.time() - started_at)
         if countdown is None:
             log.error("callback of job %s failed for good after %d attempts: %s", job_id, attempts, exc)
+            metrics.callback_failed("window")
             jobs.update_delivery(job_id, "failed", error=str(exc))
             return "failed"
         jobs.update_delivery(job_id, "pending", error=str(exc), next_attempt_at=time.time() + countdown)
@@ -530,6 +531,7 @@ def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
         raise task.retry(exc=exc, countdown=countdown)
     except CallbackError as exc:
         log.error("callback of job %s refused: %s", job_id, exc)
+        metrics.callback_failed("rejected")
         jobs.update_delivery(job_id, "failed", error=str(exc))
         return "failed"
     jobs.update_delivery(job_id, "delivered")

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from stemgen_settings import load_settings
-from tasks import stem_tasks
+from tasks import metrics, stem_tasks
 from tasks.jobstore import JobStore
 from tests.harness import CallbackReceiver
 from tests.harness import REDIS
@@ -130,14 +130,20 @@ def test_failing_backend_is_retried_with_backoff_then_delivered(store, configure
     assert callback["attempts"] == 3 and callback["error"] is None
 
 
+def _given_up(reason: str) -> float:
+    return metrics.CALLBACKS_FAILED.labels(reason)._value.get()
+
+
 def test_delivery_window_ends_in_failed(store, configure):
     configure(callback_delivery_window_seconds=0)
+    before = _given_up("window")
     with CallbackReceiver(status_codes=[503]) as receiver:
         job_id = finished_job(store, receiver.url)
         assert deliver(job_id) == "failed"
     callback = store.get(job_id)["callback"]
     assert callback["state"] == "failed" and "503" in callback["error"]
     assert deliver(job_id) == "failed"  # a late copy changes nothing
+    assert _given_up("window") == before + 1  # counted once
 
 
 def test_countdown_doubles_and_ends_with_the_window():
@@ -151,10 +157,12 @@ def test_countdown_doubles_and_ends_with_the_window():
 
 def test_private_callback_is_refused_at_delivery(store, configure):
     configure(callback_allow_loopback=False)
+    before = _given_up("rejected")
     with CallbackReceiver() as receiver:
         job_id = finished_job(store, receiver.url)
         assert deliver(job_id) == "failed"
         assert receiver.received.empty()
+    assert _given_up("rejected") == before + 1
     assert "loopback" in store.get(job_id)["callback"]["error"]
 
 
