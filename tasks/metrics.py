@@ -25,6 +25,8 @@ Metrics (all prefixed ``stemgen_``; docs/operations.md, "Metrics and logs"):
   outcome: ``success`` (2xx), ``retryable`` (connection error, timeout, 5xx, 408, 429),
   ``rejected`` (another 4xx or a 3xx), ``refused`` (the SSRF guard refused the URL); and
   ``callback_duration_seconds{outcome}``.
+- ``jobs_finished_total{status}``: jobs given their final state by finalize_request (once per
+  job): ``completed``, ``partial``, ``failed`` or ``cancelled``.
 - ``callbacks_failed_total{reason}``: callbacks marked failed for good: ``window`` (retryable
   failures until the delivery window ran out) or ``rejected`` (a non-retryable answer, or a URL the
   SSRF guard refused). Both values are exported at 0 once the metrics server starts, so that the
@@ -84,6 +86,7 @@ CALLBACK_DELIVERIES = Counter("stemgen_callback_deliveries", "Callback attempts 
                               ["outcome"])
 CALLBACK_SECONDS = Histogram("stemgen_callback_duration_seconds", "One callback attempt",
                              ["outcome"], buckets=CALLBACK_BUCKETS)
+JOBS_FINISHED = Counter("stemgen_jobs_finished", "Jobs given their final state", ["status"])
 CALLBACKS_FAILED = Counter("stemgen_callbacks_failed", "Callbacks marked failed for good", ["reason"])
 CALLBACK_FAILURE_REASONS = ("window", "rejected")
 
@@ -183,6 +186,10 @@ def stem_failed(stem: str, arrangement: str) -> None:
 def callback_attempt(outcome: str, seconds: float) -> None:
     CALLBACK_DELIVERIES.labels(outcome).inc()
     CALLBACK_SECONDS.labels(outcome).observe(seconds)
+
+
+def job_finished(status: str) -> None:
+    JOBS_FINISHED.labels(status).inc()
 
 
 def callback_failed(reason: str) -> None:

@@ -58,7 +58,7 @@ def dashboard_json() -> str:
 
 
 def outputs() -> dict[Path, str]:
-    return {RULE_FILE: rule_file(), PROMETHEUS_RULE: prometheus_rule()}
+    return {RULE_FILE: rule_file(), PROMETHEUS_RULE: prometheus_rule(), DASHBOARD: dashboard_json()}
 
 
 def main(argv: list[str] | None = None) -> int:

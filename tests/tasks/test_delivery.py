@@ -78,9 +78,13 @@ def test_finalize_twice_sends_one_delivery(store, configure, sent):
     job_id = store.create({"generation_request_id": "g", "audio_file_id": "a", "target_stems": ["bass"],
                            "parameters": {"target_bpm": 120, "duration_seconds": 4}},
                           ["bass"], "http://127.0.0.1:9/cb").job_id
+    finished = metrics.JOBS_FINISHED.labels("completed")._value.get()
+    failed = metrics.JOBS_FINISHED.labels("failed")._value.get()
     first = stem_tasks.finalize_request.run([{"stem": "bass", "status": "completed"}], job_id)
     again = stem_tasks.finalize_request.run([{"stem": "bass", "status": "failed", "error": "x"}], job_id)
     assert sent == [job_id]
+    assert metrics.JOBS_FINISHED.labels("completed")._value.get() == finished + 1  # counted once
+    assert metrics.JOBS_FINISHED.labels("failed")._value.get() == failed
     assert first["status"] == again["status"] == "completed"  # the first result stays
     assert store.get(job_id)["callback_payload"]["status"] == "completed"
 
