@@ -59,6 +59,34 @@ $(KEDA_SCHEMA):
 	.tools/keda/node_modules/.bin/ts-json-schema-generator --tsconfig .tools/keda/tsconfig.json --path .tools/keda/node_modules/@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject.d.ts --type IScaledObject --expose none --out $(KEDA_SCHEMA).tmp
 	mv $(KEDA_SCHEMA).tmp $(KEDA_SCHEMA)
 
+# promtool (and prometheus, for tests/integration/test_alerts_live.py): Debian's prometheus package.
+PROMTOOL := /usr/bin/promtool
+install: $(PROMTOOL)
+$(PROMTOOL):
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+
+# The alert rules, the PrometheusRule and the Grafana dashboard, written from deploy/monitoring
+# (committed; tests/monitoring fails when they are out of date).
+.PHONY: monitoring
+monitoring:
+	$(PY) -m deploy.monitoring.build
+
+# The Prometheus Operator's PrometheusRule and PodMonitor (monitoring.coreos.com/v1, in the component
+# deploy/k8s/components/monitoring) as JSON schemas, made as KEDA's above from the npm package
+# @kubernetes-models/prometheus-operator (MIT; types generated from the operator's CRDs).
+PROMETHEUS_OPERATOR_SCHEMAS := .tools/prometheus-operator/prometheusrule.schema.json .tools/prometheus-operator/podmonitor.schema.json
+PROMETHEUS_OPERATOR_MODELS := @kubernetes-models/prometheus-operator@6.0.0
+install: $(PROMETHEUS_OPERATOR_SCHEMAS)
+$(PROMETHEUS_OPERATOR_SCHEMAS) &: $(KEDA_SCHEMA)
+	mkdir -p .tools/prometheus-operator
+	npm install --prefix .tools/prometheus-operator --save-exact --no-audit --no-fund --loglevel=error $(PROMETHEUS_OPERATOR_MODELS)
+	cp .tools/keda/tsconfig.json .tools/prometheus-operator/tsconfig.json
+	for kind in PrometheusRule PodMonitor; do \
+	  lower=$$(echo $$kind | tr A-Z a-z); \
+	  .tools/keda/node_modules/.bin/ts-json-schema-generator --tsconfig .tools/prometheus-operator/tsconfig.json --path .tools/prometheus-operator/node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/$$kind.d.ts --type I$$kind --expose none --out .tools/prometheus-operator/$$lower.schema.json.tmp && \
+	  mv .tools/prometheus-operator/$$lower.schema.json.tmp .tools/prometheus-operator/$$lower.schema.json || exit 1; \
+	done
+
 services: install
 	bash deploy/local/services.sh
 

@@ -12,6 +12,7 @@ import time
 from celery.utils.time import get_exponential_backoff_interval
 
 import stemgen_logging
+from tasks import metrics
 from tasks.app import app
 from tasks.callback_target import CallbackPolicy
 from tasks.callbacks import CallbackError, CallbackRetryableError, post_callback
@@ -85,6 +86,7 @@ def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
         countdown = delivery_countdown(settings, attempts, time.time() - started_at)
         if countdown is None:
             log.error("callback of job %s failed for good after %d attempts: %s", job_id, attempts, exc)
+            metrics.callback_failed("window")
             jobs.update_delivery(job_id, "failed", error=str(exc))
             return "failed"
         jobs.update_delivery(job_id, "pending", error=str(exc), next_attempt_at=time.time() + countdown)
@@ -93,6 +95,7 @@ def _attempt_delivery(task, settings, jobs: JobStore, job_id: str) -> str:
         raise task.retry(exc=exc, countdown=countdown)
     except CallbackError as exc:
         log.error("callback of job %s refused: %s", job_id, exc)
+        metrics.callback_failed("rejected")
         jobs.update_delivery(job_id, "failed", error=str(exc))
         return "failed"
     jobs.update_delivery(job_id, "delivered")

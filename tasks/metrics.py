@@ -25,6 +25,12 @@ Metrics (all prefixed ``stemgen_``; docs/operations.md, "Metrics and logs"):
   outcome: ``success`` (2xx), ``retryable`` (connection error, timeout, 5xx, 408, 429),
   ``rejected`` (another 4xx or a 3xx), ``refused`` (the SSRF guard refused the URL); and
   ``callback_duration_seconds{outcome}``.
+- ``jobs_finished_total{status}``: jobs given their final state by finalize_request (once per
+  job): ``completed``, ``partial``, ``failed`` or ``cancelled``.
+- ``callbacks_failed_total{reason}``: callbacks marked failed for good: ``window`` (retryable
+  failures until the delivery window ran out) or ``rejected`` (a non-retryable answer, or a URL the
+  SSRF guard refused). Both values are exported at 0 once the metrics server starts, so that the
+  first failure is an increase Prometheus sees.
 - ``cuda_memory_allocated_bytes{device}``, ``cuda_memory_reserved_bytes{device}``,
   ``cuda_memory_max_allocated_bytes{device}``: registered only on a CUDA worker, read at scrape.
 
@@ -80,6 +86,9 @@ CALLBACK_DELIVERIES = Counter("stemgen_callback_deliveries", "Callback attempts 
                               ["outcome"])
 CALLBACK_SECONDS = Histogram("stemgen_callback_duration_seconds", "One callback attempt",
                              ["outcome"], buckets=CALLBACK_BUCKETS)
+JOBS_FINISHED = Counter("stemgen_jobs_finished", "Jobs given their final state", ["status"])
+CALLBACKS_FAILED = Counter("stemgen_callbacks_failed", "Callbacks marked failed for good", ["reason"])
+CALLBACK_FAILURE_REASONS = ("window", "rejected")
 
 _lock = threading.Lock()
 _batch_calls_seen: dict[int, int] = {}
@@ -92,6 +101,8 @@ def start_server(settings) -> bool:
     port = settings.worker_metrics_port
     if not port:
         return False
+    for reason in CALLBACK_FAILURE_REASONS:
+        CALLBACKS_FAILED.labels(reason)
     try:
         start_http_server(port, addr=settings.worker_metrics_addr)
     except OSError as exc:
@@ -175,6 +186,15 @@ def stem_failed(stem: str, arrangement: str) -> None:
 def callback_attempt(outcome: str, seconds: float) -> None:
     CALLBACK_DELIVERIES.labels(outcome).inc()
     CALLBACK_SECONDS.labels(outcome).observe(seconds)
+
+
+def job_finished(status: str) -> None:
+    JOBS_FINISHED.labels(status).inc()
+
+
+def callback_failed(reason: str) -> None:
+    """A callback marked failed for good; ``reason`` one of CALLBACK_FAILURE_REASONS."""
+    CALLBACKS_FAILED.labels(reason).inc()
 
 
 def model_loaded(model: str, device: str, load_seconds: float, warmup_seconds: float | None = None) -> None:

@@ -433,6 +433,7 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
         log.info("job %s was already finished; keeping its first result", job_id)
     else:
         log.info("job %s finished: %s", job_id, state)
+        metrics.job_finished(state)
     job = jobs.get(job_id)
     if job["callback"]["url"] and not job["delivery_enqueued"]:
         deliver_callback.delay(job_id)

@@ -100,15 +100,21 @@ def _queues(workload: dict) -> list[str] | None:
     return command[command.index("-Q") + 1].split(",")
 
 
+def _config_object(docs) -> dict:
+    """The ConfigMap of the settings (stemgen-config, its name suffixed with a content hash)."""
+    (config,) = [d for d in _all(docs, "ConfigMap") if d["metadata"]["name"].startswith("stemgen-config")]
+    return config
+
+
 def _configmap(docs) -> dict:
-    return _one(docs, "ConfigMap")["data"]
+    return _config_object(docs)["data"]
 
 
 def _settings_of(docs, workload: dict) -> Settings:
     """The Settings a workload's container reads: the ConfigMap, then its own literal env."""
     container = _container(workload)
     names = {ref["configMapRef"]["name"] for ref in container.get("envFrom", [])}
-    assert names == {_one(docs, "ConfigMap")["metadata"]["name"]}
+    assert names == {_config_object(docs)["metadata"]["name"]}
     values = dict(_configmap(docs))
     values.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     fields = {k.lower(): v for k, v in values.items() if k.lower() in Settings.model_fields}
@@ -117,12 +123,20 @@ def _settings_of(docs, workload: dict) -> Settings:
 
 # --- schemas -------------------------------------------------------------------------------------
 
+#: Custom resources and the JSON schemas `make install` generates for them from npm packages of their
+#: types (see the Makefile): KEDA's, and the Prometheus Operator's (component monitoring).
+CRD_SCHEMAS = {
+    "keda.sh/": KEDA_SCHEMA,
+    "monitoring.coreos.com/": ROOT / ".tools" / "prometheus-operator" / "{kind}.schema.json",
+}
+
+
 @functools.cache
-def _keda_validator() -> tuple[str, str, jsonschema.protocols.Validator]:
-    if not KEDA_SCHEMA.is_file():
-        pytest.fail(f"no KEDA ScaledObject schema at {KEDA_SCHEMA.relative_to(ROOT)}: "
-                    "`make install` generates it from the npm package @kubernetes-models/keda")
-    schema = json.loads(KEDA_SCHEMA.read_text())
+def _crd_validator(path: Path) -> tuple[str, str, jsonschema.protocols.Validator]:
+    if not path.is_file():
+        pytest.fail(f"no schema at {path.relative_to(ROOT)}: `make install` generates it from an "
+                    "npm package of the resource's types")
+    schema = json.loads(path.read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     root = schema["definitions"][schema["$ref"].rsplit("/", 1)[1]]
     # Strict as kubectl apply --validate=strict: the object and its spec forbid unknown fields.
@@ -134,13 +148,14 @@ def _keda_validator() -> tuple[str, str, jsonschema.protocols.Validator]:
 
 def _validate(doc: dict) -> None:
     """Raise on a document that its schema rejects."""
-    if doc["apiVersion"].startswith("keda.sh/"):
-        api_version, kind, validator = _keda_validator()
-        assert (doc["apiVersion"], doc["kind"]) == (api_version, kind), "no schema for this KEDA kind"
-        error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-        if error is not None:
-            raise error
-        return
+    for group, path in CRD_SCHEMAS.items():
+        if doc["apiVersion"].startswith(group):
+            api_version, kind, validator = _crd_validator(Path(str(path).format(kind=doc["kind"].lower())))
+            assert (doc["apiVersion"], doc["kind"]) == (api_version, kind), "no schema for this kind"
+            error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+            if error is not None:
+                raise error
+            return
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(doc, version, strict=True)
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from stemgen_settings import load_settings
-from tasks import callback_delivery, stem_tasks, worker_jobstore
+from tasks import callback_delivery, metrics, stem_tasks, worker_jobstore
 from tasks.jobstore import JobStore
 from tests.harness import CallbackReceiver
 from tests.harness import REDIS
@@ -78,9 +78,13 @@ def test_finalize_twice_sends_one_delivery(store, configure, sent):
     job_id = store.create({"generation_request_id": "g", "audio_file_id": "a", "target_stems": ["bass"],
                            "parameters": {"target_bpm": 120, "duration_seconds": 4}},
                           ["bass"], "http://127.0.0.1:9/cb").job_id
+    finished = metrics.JOBS_FINISHED.labels("completed")._value.get()
+    failed = metrics.JOBS_FINISHED.labels("failed")._value.get()
     first = stem_tasks.finalize_request.run([{"stem": "bass", "status": "completed"}], job_id)
     again = stem_tasks.finalize_request.run([{"stem": "bass", "status": "failed", "error": "x"}], job_id)
     assert sent == [job_id]
+    assert metrics.JOBS_FINISHED.labels("completed")._value.get() == finished + 1  # counted once
+    assert metrics.JOBS_FINISHED.labels("failed")._value.get() == failed
     assert first["status"] == again["status"] == "completed"  # the first result stays
     assert store.get(job_id)["callback_payload"]["status"] == "completed"
 
@@ -130,14 +134,20 @@ def test_failing_backend_is_retried_with_backoff_then_delivered(store, configure
     assert callback["attempts"] == 3 and callback["error"] is None
 
 
+def _given_up(reason: str) -> float:
+    return metrics.CALLBACKS_FAILED.labels(reason)._value.get()
+
+
 def test_delivery_window_ends_in_failed(store, configure):
     configure(callback_delivery_window_seconds=0)
+    before = _given_up("window")
     with CallbackReceiver(status_codes=[503]) as receiver:
         job_id = finished_job(store, receiver.url)
         assert deliver(job_id) == "failed"
     callback = store.get(job_id)["callback"]
     assert callback["state"] == "failed" and "503" in callback["error"]
     assert deliver(job_id) == "failed"  # a late copy changes nothing
+    assert _given_up("window") == before + 1  # counted once
 
 
 def test_countdown_doubles_and_ends_with_the_window():
@@ -151,10 +161,12 @@ def test_countdown_doubles_and_ends_with_the_window():
 
 def test_private_callback_is_refused_at_delivery(store, configure):
     configure(callback_allow_loopback=False)
+    before = _given_up("rejected")
     with CallbackReceiver() as receiver:
         job_id = finished_job(store, receiver.url)
         assert deliver(job_id) == "failed"
         assert receiver.received.empty()
+    assert _given_up("rejected") == before + 1
     assert "loopback" in store.get(job_id)["callback"]["error"]
 
 
