@@ -71,6 +71,11 @@ ALERTS: tuple[Alert, ...] = (
           " and on () sum(increase(stemgen_jobs_accepted_total[{15m}])) > 0",
           "{10m}", "No ready worker holds {{ $labels.model }} while jobs arrive",
           "No worker has loaded {{ $labels.model }} for 10 minutes although jobs are accepted."),
+    Alert("StemgenWorkerNotReady", "warning",
+          f'(up{{job="{WORKER_JOB}", role="generation"}} == 1)'
+          " unless on (instance) stemgen_model_load_seconds",
+          "{30m}", "Generation worker {{ $labels.instance }} has not loaded its model in 30 minutes",
+          "The worker answers scrapes but exports no stemgen_model_load_seconds: still loading, or stuck."),
     Alert("StemgenScaleToZeroStuck", "critical",
           "sum(increase(stemgen_jobs_accepted_total[{30m}])) > 0"
           f' unless on () count(up{{job="{WORKER_JOB}", role="generation"}} == 1) > 0',

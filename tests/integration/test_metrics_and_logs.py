@@ -129,6 +129,10 @@ def test_a_job_moves_the_metrics_and_its_log_lines_carry_its_ids(observed):
     assert moved(worker_before, worker, "stemgen_callback_deliveries_total", outcome="success") == 1
     assert moved(worker_before, worker, "stemgen_task_runs_total",
                  task="stemgen.finalize_request", state="SUCCESS") == 1
+    assert moved(worker_before, worker, "stemgen_jobs_finished_total", status="completed") == 1
+    for reason in ("window", "rejected"):  # exported at 0 from the start: a first failure is an increase
+        assert ("stemgen_callbacks_failed_total", frozenset({("reason", reason)})) in worker_before
+        assert value(worker, "stemgen_callbacks_failed_total", reason=reason) == 0
     assert value(worker, "stemgen_model_load_seconds", model="tiny", device="cpu") > 0
     assert value(worker, "stemgen_model_warmup_seconds", model="tiny", device="cpu") > 0
     assert not any(name.startswith("stemgen_cuda_") for name, _ in worker)  # CPU worker

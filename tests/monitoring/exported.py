@@ -56,6 +56,48 @@ def exported_names(monkeypatch=None) -> frozenset[str]:
     return frozenset(names)
 
 
+#: Labels Prometheus puts on every scraped series (the scrape jobs' target labels,
+#: docs/operations.md#scraping).
+TARGET_LABELS = frozenset({"job", "instance", "role"})
+
+
+def exported_labels(monkeypatch=None) -> dict[str, frozenset[str]]:
+    """The label names of each exported sample name (as exported_names), from the metric objects'
+    declared labels (a histogram's buckets add ``le``) or, for scrape-time collectors, their samples."""
+    import api.metrics
+    import tasks.metrics
+    from prometheus_client.metrics import MetricWrapperBase
+
+    labels: dict[str, set[str]] = {}
+    for module in (api.metrics, tasks.metrics):
+        for metric in vars(module).values():
+            if not isinstance(metric, MetricWrapperBase):
+                continue
+            for suffix in _SUFFIXES[metric._type]:
+                extra = {"le"} if suffix == "_bucket" else set()
+                labels.setdefault(metric._name + suffix, set()).update(set(metric._labelnames) | extra)
+    families = list(api.metrics.OutboxCollector(_Backlog()).collect())
+    if monkeypatch is not None:
+        exported_names(monkeypatch)  # stubs torch.cuda's counters
+        families += list(tasks.metrics.CudaMemoryCollector("cuda:0").collect())
+    for family in families:
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return {name: frozenset(names) for name, names in labels.items()}
+
+
+_SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)")
+
+
+def matcher_labels(expr: str) -> dict[str, set[str]]:
+    """The label names each ``metric{...}`` selector of an expression matches on."""
+    found: dict[str, set[str]] = {}
+    for name, body in _SELECTOR.findall(_STRINGS.sub('""', _VARIABLES.sub(" ", expr))):
+        found.setdefault(name, set()).update(_MATCHER.findall(body))
+    return found
+
+
 _KEYWORDS = frozenset({"and", "or", "unless", "bool", "by", "without", "on", "ignoring",
                        "group_left", "group_right", "offset", "inf", "nan", "atan2"})
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')

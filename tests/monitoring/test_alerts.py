@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from deploy.monitoring import alerts, build
-from tests.monitoring.exported import PROMETHEUS_SERIES, exported_names, metric_names
+from tests.monitoring.exported import (PROMETHEUS_SERIES, TARGET_LABELS, exported_labels, exported_names,
+                                       matcher_labels, metric_names)
 
 HERE = Path(__file__).resolve().parent
 UNIT_TESTS = HERE / "alerts_test.yaml"
@@ -87,6 +88,15 @@ def test_rules_name_only_exported_metrics(monkeypatch):
         named = metric_names(alert.expr)
         assert named, alert.name
         assert named <= exported, (alert.name, named - exported)
+
+
+def test_rules_match_on_labels_their_metrics_have(monkeypatch):
+    labels = exported_labels(monkeypatch)
+    for alert in alerts.ALERTS:
+        for name, matched in matcher_labels(alert.expr).items():
+            if name in PROMETHEUS_SERIES:
+                continue  # up: the target's labels
+            assert matched <= labels[name] | TARGET_LABELS, (alert.name, name, matched - labels[name])
 
 
 def test_every_alert_has_a_severity_a_summary_and_a_runbook_section():

@@ -11,7 +11,8 @@ import re
 import yaml
 
 from deploy.monitoring import build, dashboard
-from tests.monitoring.exported import PROMETHEUS_SERIES, exported_names, metric_names
+from tests.monitoring.exported import (PROMETHEUS_SERIES, TARGET_LABELS, exported_labels, exported_names,
+                                       matcher_labels, metric_names)
 from tests.monitoring.test_alerts import _run
 
 
@@ -34,6 +35,14 @@ def test_every_query_names_exported_metrics(monkeypatch):
     assert len(dashboard.queries(model)) >= 20
     assert all(metric_names(expr) for expr in dashboard.queries(model))
     assert _unknown(model, exported) == {}
+
+
+def test_every_query_matches_on_labels_its_metric_has(monkeypatch):
+    labels = exported_labels(monkeypatch)
+    for expr in dashboard.queries(_model()):
+        for name, matched in matcher_labels(expr).items():
+            if name not in PROMETHEUS_SERIES:
+                assert matched <= labels[name] | TARGET_LABELS, (expr, matched - labels[name])
 
 
 def test_a_query_naming_an_unknown_metric_is_caught(monkeypatch):

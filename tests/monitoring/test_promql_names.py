@@ -26,3 +26,24 @@ def test_exported_names_come_from_the_collectors(monkeypatch):
             "stemgen_jobs_accepted_total", "stemgen_outbox_jobs", "stemgen_job_store_up",
             "stemgen_cuda_memory_reserved_bytes", "process_resident_memory_bytes"} <= names
     assert "stemgen_callback_deliveries" not in names and "stemgen_nothing_total" not in names
+
+
+def test_matcher_labels_of_queries():
+    from tests.monitoring.exported import matcher_labels
+
+    assert matcher_labels('sum(rate(a_total{outcome!="success", job=~"x|y"}[5m])) / b{le="+Inf"}'
+                          ' and c{ }') == {"a_total": {"outcome", "job"}, "b": {"le"}, "c": set()}
+    assert matcher_labels('rate(h_bucket{route!~"/health.*|/metrics"}[$__rate_interval])') == {
+        "h_bucket": {"route"}}
+
+
+def test_exported_labels_come_from_the_metric_objects(monkeypatch):
+    from tests.monitoring.exported import exported_labels
+
+    labels = exported_labels(monkeypatch)
+    assert labels["stemgen_callback_deliveries_total"] == {"outcome"}
+    assert labels["stemgen_queue_wait_seconds_bucket"] == {"task", "le"}
+    assert labels["stemgen_queue_wait_seconds_count"] == {"task"}
+    assert labels["stemgen_http_requests_total"] == {"method", "route", "status"}
+    assert labels["stemgen_outbox_jobs"] == set()
+    assert labels["stemgen_cuda_memory_reserved_bytes"] == {"device"}
