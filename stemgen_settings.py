@@ -37,8 +37,22 @@ class Settings(BaseSettings):
     #: Seconds a job record and its results are kept.
     job_ttl_seconds: int = 7 * 24 * 3600
     #: Broker visibility timeout (Redis/SQS): must exceed the longest task, or a task still running
-    #: is delivered a second time.
+    #: is delivered a second time. Set with GENERATION_DEADLINE_SECONDS and
+    #: WORKER_GRACE_PERIOD_SECONDS (docs/operations.md "Deadline, visibility timeout, grace period").
     visibility_timeout_seconds: int = 2 * 3600
+    #: The watchdog of a generation call (stems.batching.GenerationDeadline): at most this long
+    #: (seconds; also the deadline of a call before any was measured), else
+    #: GENERATION_DEADLINE_MIN_SECONDS + GENERATION_DEADLINE_SLACK x the measured seconds per
+    #: second of audio x the call's duration. A call past it fails its stems; the worker then
+    #: reports not-ready and exits non-zero. Must be below VISIBILITY_TIMEOUT_SECONDS and at most
+    #: WORKER_GRACE_PERIOD_SECONDS.
+    generation_deadline_seconds: float = Field(default=1800.0, gt=0)
+    generation_deadline_min_seconds: float = Field(default=60.0, gt=0)
+    generation_deadline_slack: float = Field(default=4.0, ge=1)
+    #: Seconds a worker is given between SIGTERM and SIGKILL (Kubernetes
+    #: terminationGracePeriodSeconds, compose stop_grace_period): its warm shutdown lets running
+    #: generations finish, so it is at least GENERATION_DEADLINE_SECONDS.
+    worker_grace_period_seconds: int = Field(default=7500, gt=0)
     #: The outbox dispatcher (tasks.dispatcher), run by each worker unless turned off: how often
     #: an idle dispatcher looks for new jobs, most jobs per look, how long a claimed job is leased
     #: to one dispatcher (it is claimed again after that if its dispatcher died), and how long a
@@ -147,6 +161,13 @@ class Settings(BaseSettings):
     #: Connect and read timeout of each storage HTTP request, seconds.
     storage_timeout_seconds: float = 20.0
 
+    #: A rendered stem whose upload meets unreachable storage is kept in the job store's Redis, so
+    #: that the task's retry (on any worker) uploads it without generating it again: at most this
+    #: many bytes per stem (a larger file is not kept; its retry generates again) and for this long
+    #: (seconds; longer than the storage retries' waits). 0 = nothing kept.
+    staged_stem_max_bytes: int = Field(default=48 * 1024 * 1024, ge=0)
+    staged_stem_ttl_seconds: int = Field(default=3600, ge=0)
+
     # --- callback -------------------------------------------------------------------------------------
     #: Used when a request names no callback_url; empty = no callback for such requests.
     default_callback_url: str = ""
@@ -220,6 +241,12 @@ class Settings(BaseSettings):
         # to a second worker once it is older than the visibility timeout.
         if self.callback_backoff_max_seconds >= self.visibility_timeout_seconds:
             raise ValueError("CALLBACK_BACKOFF_MAX_SECONDS must be below VISIBILITY_TIMEOUT_SECONDS")
+        # A generation still running when its message is handed to a second worker is done twice;
+        # one cut short by SIGKILL is lost until the visibility timeout.
+        if self.generation_deadline_seconds >= self.visibility_timeout_seconds:
+            raise ValueError("GENERATION_DEADLINE_SECONDS must be below VISIBILITY_TIMEOUT_SECONDS")
+        if self.generation_deadline_seconds > self.worker_grace_period_seconds:
+            raise ValueError("GENERATION_DEADLINE_SECONDS must be at most WORKER_GRACE_PERIOD_SECONDS")
         return self
 
     @staticmethod

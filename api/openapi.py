@@ -64,12 +64,17 @@ def build_openapi(settings) -> dict:
                     "202": _json(ref(JobAccepted), "Job accepted."),
                     "200": _json(ref(JobAccepted), "The same request was already accepted: that job."),
                     "400": err("Body is not JSON."),
-                    "409": err("generation_request_id reused with a different body."),
+                    "409": err("generation_request_id reused by this API key with a different "
+                               "body (names this key's own job)."),
                     "413": err("Body too large."),
                     "415": err("Content-Type is not application/json."),
                     "422": err("A field is invalid (callback_url included: not http(s), or not a "
                                "public address); error.fields names it."),
                     "401": unauthorized,
+                    "429": {**err("A new job over one of the API key's limits; error.fields[0].field "
+                                  "names it (max_active_jobs, max_submissions_per_minute)."),
+                            "headers": {"Retry-After": {"description": "Seconds to wait.",
+                                                        "schema": {"type": "integer"}}}},
                     "503": unavailable,
                 },
                 "callbacks": {"generationFinished": {"{$request.body#/callback_url}": {"post": {
@@ -108,7 +113,7 @@ def build_openapi(settings) -> dict:
                 "operationId": "getJob",
                 "parameters": [job_id],
                 "responses": {"200": _json(ref(JobStatus), "Job state."),
-                              "404": err("No such job."),
+                              "404": err("No such job, or another API key's job."),
                               "401": unauthorized,
                               "503": unavailable},
             }, "delete": {
@@ -119,7 +124,7 @@ def build_openapi(settings) -> dict:
                 "parameters": [job_id],
                 "responses": {"202": _json(ref(JobStatus), "Cancellation requested (status "
                                                            "`cancelling`)."),
-                              "404": err("No such job."),
+                              "404": err("No such job, or another API key's job."),
                               "409": err("The job already finished."),
                               "401": unauthorized,
                               "503": unavailable},
@@ -146,7 +151,7 @@ def build_openapi(settings) -> dict:
                 "responses": {"200": {"description": "The event stream.",
                                       "content": {"text/event-stream": {
                                           "schema": {"type": "string"}}}},
-                              "404": err("No such job."),
+                              "404": err("No such job, or another API key's job."),
                               "422": err("Last-Event-ID is not an event id."),
                               "401": unauthorized,
                               "503": unavailable},

@@ -233,7 +233,7 @@ def health():
     workers = service.workers() if broker.ok else []
     if not (broker.ok and storage.ok):
         status, code = "unavailable", 503
-    elif not workers:
+    elif not any(w.get("ready", True) for w in workers):  # none, or only hung ones (exiting)
         status, code = "degraded", 200
     else:
         status, code = "ok", 200

@@ -24,18 +24,27 @@ Policy of a round (measured by ``python -m bench.batching``):
    order): a 5 s stem queued beside 30 s stems is not held behind them. A long call still runs
    within the round it was collected in, so a stream of short requests cannot starve it; requests
    arriving during a round wait for the next one.
+
+Watchdog: every model call has a deadline (``GenerationDeadline``): a floor plus a slack times
+the measured wall seconds per second of audio of recent calls, times its duration, capped at a
+maximum (the maximum alone until a call was measured). A call past its deadline is presumed hung
+in a device call, which no thread can interrupt: its callers, and every request queued behind it,
+get ``GenerationTimeout``, later calls are refused at once, and ``on_hung`` is called once (the
+worker then reports not-ready and exits, tasks.device_watchdog).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -68,6 +77,31 @@ class GenerationCancelled(Exception):
     """The caller's ``cancel`` event was set before its clip was done."""
 
 
+class GenerationTimeout(RuntimeError):
+    """A model call ran past its deadline (its device call is presumed hung); also raised for
+    every later call of that batcher."""
+
+
+@dataclass(frozen=True)
+class GenerationDeadline:
+    """How long one model call may take, seconds: ``min_seconds + slack × speed × duration``,
+    where ``speed`` is the slowest measured wall seconds per second of audio among the recent
+    calls, capped at ``max_seconds``; ``max_seconds`` until a call was measured.
+
+    ``max_seconds`` is the bound the deployment's visibility timeout and SIGTERM grace period are
+    set against (stemgen_settings: deadline < visibility timeout, deadline ≤ grace period).
+    """
+
+    max_seconds: float
+    min_seconds: float = 60.0
+    slack: float = 4.0
+
+    def seconds(self, duration_seconds: float, speed: float | None) -> float:
+        if speed is None:
+            return self.max_seconds
+        return min(self.max_seconds, self.min_seconds + self.slack * speed * duration_seconds)
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """Counters since start: calls to the model and clips generated (clips/calls = mean batch)."""
@@ -89,10 +123,15 @@ class StemBatcher:
         bucket_seconds: duration granularity of a batch (see module doc).
         order: "shortest" (shortest calls of a round first) or "arrival" (see module doc).
         round_limit: most requests one round takes (default 4 × max_batch).
+        deadline: the watchdog's deadline of a model call (see module doc); None: no watchdog.
+        on_hung: called once, on the watchdog's thread, with the GenerationTimeout of the first
+            call past its deadline.
     """
 
     def __init__(self, engine: StemEngine, *, max_batch: int = 4, window_seconds: float = 0.05,
-                 bucket_seconds: float = 1.0, order: str = "shortest", round_limit: int | None = None):
+                 bucket_seconds: float = 1.0, order: str = "shortest", round_limit: int | None = None,
+                 deadline: GenerationDeadline | None = None,
+                 on_hung: Callable[[GenerationTimeout], None] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if order not in ("shortest", "arrival"):
@@ -107,8 +146,18 @@ class StemBatcher:
         self._calls = self._clips = self._largest = 0
         self._sizes: "collections.deque[int]" = collections.deque(maxlen=64)
         self._progress = _ProgressRelay()
+        self.deadline = deadline
+        self._on_hung = on_hung
+        self._speeds: "collections.deque[float]" = collections.deque(maxlen=16)
+        self._watch_lock = threading.Lock()
+        self._current: tuple[list[_Pending], float, float, float] | None = None  # group, start, deadline, duration
+        self._round: list[_Pending] = []
+        #: Set once a call outlived its deadline: the batcher takes no more work.
+        self.hung: GenerationTimeout | None = None
         self._thread = threading.Thread(target=self._loop, name="stem-batcher", daemon=True)
         self._thread.start()
+        if deadline is not None:
+            threading.Thread(target=self._watch, name="stem-batcher-watchdog", daemon=True).start()
 
     def generate(self, prompt: str, duration_seconds: float, *,
                  sampling: SamplingParams = SamplingParams(), seed: int | None = None,
@@ -131,16 +180,52 @@ class StemBatcher:
         Raises:
             stems.engine.GenerationError (or ValueError) as StemEngine.generate would, for every
             clip of the failed batch; concurrent.futures.TimeoutError after ``timeout`` seconds;
-            GenerationCancelled once ``cancel`` is set.
+            GenerationCancelled once ``cancel`` is set; GenerationTimeout when its call (or one
+            before it) ran past the watchdog's deadline.
         """
         if duration_seconds <= 0:
             raise ValueError("duration_seconds must be > 0")
+        if self.hung is not None:
+            raise self.hung
         if not self._thread.is_alive():
             raise RuntimeError("the stem batcher's generation thread has stopped")
         pending = _Pending(prompt, float(duration_seconds), sampling, seed, progress, conditioning,
                            cancel)
         self._queue.put(pending)
+        if self.hung is not None:  # the watchdog fired meanwhile: nobody will take it
+            self._fail_queued(self.hung)
         return pending.future.result(timeout)
+
+    def speed(self) -> float | None:
+        """The slowest wall seconds per second of audio among the recent model calls (None before
+        the first one)."""
+        with self._watch_lock:
+            return max(self._speeds) if self._speeds else None
+
+    def _watch(self) -> None:
+        """The watchdog (see module doc): looks at the running call every ``interval`` seconds."""
+        interval = min(1.0, max(0.05, self.deadline.max_seconds / 20, self.deadline.min_seconds / 20))
+        while True:
+            time.sleep(interval)
+            with self._watch_lock:
+                current = self._current
+            if current is None or time.monotonic() <= current[2]:
+                continue
+            group, started, deadline_at, duration = current
+            self.hung = GenerationTimeout(
+                f"generation of {len(group)} clip(s) of {duration:g} s ran past its deadline of "
+                f"{deadline_at - started:.0f} s (the device call is presumed hung)")
+            log.error("%s; failing its requests and every queued one", self.hung)
+            with self._watch_lock:
+                waiting = list(group) + list(self._round)  # the call, and the round's later calls
+            for item in waiting:
+                if not item.future.done():
+                    with contextlib.suppress(InvalidStateError):  # done meanwhile
+                        item.future.set_exception(self.hung)
+            self._fail_queued(self.hung)
+            if self._on_hung is not None:
+                self._on_hung(self.hung)
+            return
 
     def stats(self) -> BatchStats:
         return BatchStats(self._calls, self._clips, self._largest, tuple(self._sizes))
@@ -189,7 +274,10 @@ class StemBatcher:
     def _loop(self) -> None:
         try:
             while True:
-                for call in self.plan_round(self._collect()):
+                items = self._collect()
+                with self._watch_lock:
+                    self._round = items  # the watchdog fails the calls still waiting in it too
+                for call in self.plan_round(items):
                     self._run(call)
         finally:  # only a BaseException (interpreter exit) ends the loop: nobody waits forever
             self._fail_queued(RuntimeError("the stem batcher's generation thread has stopped"))
@@ -204,8 +292,8 @@ class StemBatcher:
                 item.future.set_exception(exc)
 
     def _run(self, group: list[_Pending]) -> None:
-        group = [item for item in group
-                 if not item.cancelled() and item.future.set_running_or_notify_cancel()]
+        group = [item for item in group if not item.cancelled() and not item.future.done()
+                 and item.future.set_running_or_notify_cancel()]
         if not group:
             return
         duration = max(item.duration_seconds for item in group)
@@ -222,6 +310,11 @@ class StemBatcher:
                 if item.progress is not None:
                     self._progress.post(item.progress, fraction)
 
+        started = time.monotonic()
+        if self.deadline is not None:
+            allowed = self.deadline.seconds(duration, self.speed())
+            with self._watch_lock:
+                self._current = (group, started, started + allowed, duration)
         try:
             try:
                 audio = self.engine.generate([item.prompt for item in group], duration,
@@ -230,21 +323,27 @@ class StemBatcher:
                                              conditioning=group[0].conditioning)
             finally:
                 self._progress.flush()  # a caller's last progress precedes its result
+                with self._watch_lock:
+                    self._current = None
         except BaseException as exc:  # every waiting caller gets the failure
             for item in group:
                 if not item.future.done():
-                    item.future.set_exception(exc)
+                    with contextlib.suppress(InvalidStateError):
+                        item.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        with self._watch_lock:
+            self._speeds.append((time.monotonic() - started) / duration)
         self._calls += 1
         self._clips += len(group)
         self._largest = max(self._largest, len(group))
         self._sizes.append(len(group))
         rate = self.engine.sample_rate
         for item, clip in zip(group, audio):
-            if not item.future.done():  # not cancelled meanwhile
-                item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])
+            if not item.future.done():  # not cancelled (or timed out) meanwhile
+                with contextlib.suppress(InvalidStateError):
+                    item.future.set_result(clip[:, : int(round(item.duration_seconds * rate))])
 
 
 class _ProgressRelay:

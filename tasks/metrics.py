@@ -64,6 +64,12 @@ CALLBACK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 STEMS_GENERATED = Counter("stemgen_stems_generated", "Stems completed (rendered and uploaded)",
                           ["stem", "arrangement"])
 STEMS_FAILED = Counter("stemgen_stems_failed", "Stems failed for good", ["stem", "arrangement"])
+WORKER_READY = Gauge("stemgen_worker_ready",
+                     "1 while the worker takes work; 0 once a generation outlived its deadline "
+                     "(tasks.device_watchdog: it then exits)")
+KEPT_RENDERS_UPLOADED = Counter("stemgen_kept_renders_uploaded",
+                                "Stems uploaded from a render kept after a failed upload (no "
+                                "generation)", ["stem"])
 GENERATION_SECONDS = Histogram("stemgen_generation_seconds",
                                "A task's MusicGen generation through the batcher",
                                ["arrangement"], buckets=GENERATION_BUCKETS)
@@ -177,6 +183,14 @@ def observe_batches(batcher, model: str) -> None:
 def stem_completed(stem: str, arrangement: str, audio_seconds: float) -> None:
     STEMS_GENERATED.labels(stem, arrangement).inc()
     AUDIO_SECONDS.labels(arrangement).observe(audio_seconds)
+
+
+def worker_ready(ready: bool) -> None:
+    WORKER_READY.set(1 if ready else 0)
+
+
+def kept_render_uploaded(stem: str) -> None:
+    KEPT_RENDERS_UPLOADED.labels(stem).inc()
 
 
 def stem_failed(stem: str, arrangement: str) -> None:

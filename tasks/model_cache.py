@@ -10,9 +10,10 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from stems.batching import StemBatcher
+from stems.batching import GenerationDeadline, StemBatcher
 from stems.decoding import batch_buckets
 from stems.engine import StemEngine, resolve_device
+from tasks import device_watchdog
 
 if TYPE_CHECKING:  # loaded on first use: demucs is imported only by workers that separate
     from stems.separation import Separator
@@ -74,7 +75,11 @@ def get_batcher(settings) -> StemBatcher:
             batcher = _batchers[key] = StemBatcher(
                 engine, max_batch=settings.batch_max_size,
                 window_seconds=settings.batch_window_seconds,
-                bucket_seconds=settings.batch_bucket_seconds)
+                bucket_seconds=settings.batch_bucket_seconds,
+                deadline=GenerationDeadline(settings.generation_deadline_seconds,
+                                            settings.generation_deadline_min_seconds,
+                                            settings.generation_deadline_slack),
+                on_hung=device_watchdog.generation_hung)
         return batcher
 
 

@@ -47,6 +47,26 @@ class ModelNotHeld(RuntimeError):
     deployment whose workers of two models consume one queue)."""
 
 
+#: How often a stem task that reached a worker of another model is sent on to its model's queue
+#: before its stems fail (a queue consumed by the wrong model's workers would pass it around).
+MODEL_REQUEUES = 3
+
+
+def _send_to_model_queue(task, settings, request: dict) -> str | None:
+    """When this worker holds another model than the job asked for, send the task to the queue of
+    that model (``task.retry`` to ``stems_queue_for(model)``; raises celery's Retry), at most
+    MODEL_REQUEUES times; then the reason its stems fail. None when this worker holds the model."""
+    wanted = request["parameters"].get("model")
+    if not wanted or wanted == settings.musicgen_model:
+        return None
+    reason = f"ModelNotHeld: this worker holds {settings.musicgen_model}, the job asked for {wanted}"
+    if task.request.retries >= MODEL_REQUEUES:
+        return f"{reason} (sent on {MODEL_REQUEUES} times)"
+    queue = settings.stems_queue_for(wanted)
+    log.warning("%s: sending the task to queue %s", reason, queue)
+    raise task.retry(queue=queue, countdown=1, max_retries=task.request.retries + 1)
+
+
 class _ProgressReporter:
     """Writes generation progress to the job store, at most every 2 % (MusicGen reports per token)."""
 
@@ -151,30 +171,79 @@ def _source(request: dict, settings):
 
 def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str, rendered,
                 plan: MusicalPlan, **extra) -> dict:
-    """Upload a rendered stem, analyse it against the plan, record it completed; its result.
+    """Analyse a rendered stem against the plan, upload it, record it completed; its result.
     The blob's extension and content type, and the result's format fields, are the rendered
-    file's (parameters.output)."""
-    blob_name = blob_name_for(job_id, stem, rendered.extension)
-    stored = store_from_settings(settings).upload(
-        blob_name, rendered.data, content_type=rendered.content_type,
-        metadata={"stem": stem, "bpm": f"{plan.bpm:g}", "format": rendered.extension,
-                  "sample_rate": str(rendered.sample_rate),
-                  "duration_seconds": f"{rendered.duration_seconds:.6f}",
-                  "key": plan.key.name, "model": settings.musicgen_model,
-                  "generation_request_id": request["generation_request_id"]})
+    file's (parameters.output).
+
+    When storage is unreachable the rendered file and its result are kept in the job store
+    (JobStore.stage_rendered, bounded by STAGED_STEM_MAX_BYTES and STAGED_STEM_TTL_SECONDS)
+    before StorageUnavailable propagates: the task's retry, on whichever worker, uploads the kept
+    file (``_upload_stem``) instead of generating the stem again.
+
+    Raises:
+        StorageUnavailable: storage unreachable (the render is kept when within the bounds).
+    """
     analysis = stem_analysis(rendered.audio, rendered.sample_rate, plan,
                              harmonic=stem in HARMONIC_STEMS)
     metadata = rendered.metadata()
     warnings = list(extra.pop("warnings", None) or []) + metadata.pop("warnings", [])
-    result = {"stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
-              "bpm": plan.bpm, "model": settings.musicgen_model, **extra,
-              **metadata, "analysis": analysis}
+    result = {"stem": stem, "status": "completed", "bpm": plan.bpm,
+              "model": settings.musicgen_model, **extra, **metadata, "analysis": analysis}
     if warnings or "silent" in extra:  # (an ensemble stem always lists its warnings)
         result["warnings"] = warnings
+    upload = {"blob_name": blob_name_for(job_id, stem, rendered.extension),
+              "content_type": rendered.content_type,
+              "duration_seconds": rendered.duration_seconds,
+              "metadata": {"stem": stem, "bpm": f"{plan.bpm:g}", "format": rendered.extension,
+                           "sample_rate": str(rendered.sample_rate),
+                           "duration_seconds": f"{rendered.duration_seconds:.6f}",
+                           "key": plan.key.name, "model": settings.musicgen_model,
+                           "generation_request_id": request["generation_request_id"]}}
+    try:
+        return _upload_stem(settings, jobs, job_id, stem, rendered.data, upload, result)
+    except StorageUnavailable:
+        kept = jobs.stage_rendered(job_id, stem, rendered.data, {"upload": upload, "result": result},
+                                   max_bytes=settings.staged_stem_max_bytes,
+                                   ttl_seconds=settings.staged_stem_ttl_seconds)
+        log.warning("upload of %s/%s failed; its render (%d bytes) is %s", job_id, stem,
+                    len(rendered.data), "kept for the retry" if kept else
+                    "not kept (over STAGED_STEM_MAX_BYTES): the retry generates it again")
+        raise
+
+
+def _upload_stem(settings, jobs: JobStore, job_id: str, stem: str, data: bytes, upload: dict,
+                 result: dict) -> dict:
+    """Upload a stem's file, record the stem completed with its ``result`` (and the blob's name
+    and URL) and forget its kept render; the result.
+
+    Raises:
+        StorageUnavailable.
+    """
+    stored = store_from_settings(settings).upload(
+        upload["blob_name"], data, content_type=upload["content_type"], metadata=upload["metadata"])
+    result = {"stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
+              **{k: v for k, v in result.items() if k not in ("stem", "status")}}
     details = {k: v for k, v in result.items() if k not in ("stem", "status")}
     jobs.update_stem(job_id, stem, "completed", 1.0, **details)
-    metrics.stem_completed(stem, extra.get("arrangement", "independent"), rendered.duration_seconds)
+    jobs.drop_staged(job_id, stem)
+    metrics.stem_completed(stem, result.get("arrangement", "independent"), upload["duration_seconds"])
     return result
+
+
+def _upload_kept(settings, jobs: JobStore, job_id: str, stem: str) -> dict | None:
+    """The result of a stem whose render was kept after a failed upload, uploaded now (no
+    generation); None when none is kept.
+
+    Raises:
+        StorageUnavailable.
+    """
+    kept = jobs.staged_rendered(job_id, stem)
+    if kept is None:
+        return None
+    data, details = kept
+    log.info("stem %s of job %s: uploading its kept render, without generating it again", stem, job_id)
+    metrics.kept_render_uploaded(stem)
+    return _upload_stem(settings, jobs, job_id, stem, data, details["upload"], details["result"])
 
 
 def _retry_later(task, settings, exc: Exception, what: str):
@@ -252,15 +321,23 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
 
     The prompt carries the plan's key and chords; a melody model is conditioned on the plan's
     chords or the source audio, a text model continues the source (tasks.planning).
-    Retried (Celery ``self.retry``, exponential backoff) only when storage is unreachable.
+    Retried (Celery ``self.retry``, exponential backoff) only when storage is unreachable; sent
+    to its model's queue when it reached a worker of another model; a render whose upload failed
+    is kept, and its retry uploads it without generating again (``_store_stem``).
     """
     settings = self.app.stemgen_settings
     jobs = job_store(self.app)
     parameters = request["parameters"]
     duration = float(parameters["duration_seconds"])
+    not_held = _send_to_model_queue(self, settings, request)
+    if not_held:
+        return _failed(jobs, job_id, stem, not_held)
     try:
         if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
             return _cancelled(jobs, job_id, stem)
+        kept = _upload_kept(settings, jobs, job_id, stem)  # rendered before, its upload failed
+        if kept is not None:
+            return kept
         output = OutputSpec.from_dict(parameters.get("output"))
         jobs.count_run(job_id, stem)
         jobs.update_stem(job_id, stem, "running", 0.0)
@@ -317,9 +394,15 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
     parameters = request["parameters"]
     duration = float(parameters["duration_seconds"])
     results: dict[str, dict] = {}
+    not_held = _send_to_model_queue(self, settings, request)
+    if not_held:
+        return [_failed(jobs, job_id, stem, not_held, "ensemble") for stem in stems]
     try:
         if jobs.cancel_requested(job_id):  # cancelled while queued: never starts
             return [_cancelled(jobs, job_id, stem) for stem in stems]
+        done = _ensemble_done_or_kept(settings, jobs, job_id, stems)
+        if done is not None:  # every stem stored, or kept after a failed upload: no generation
+            return done
         output = OutputSpec.from_dict(parameters.get("output"))
         for stem in stems:
             jobs.count_run(job_id, stem)
@@ -338,6 +421,7 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
         separator = get_separator(settings)
         parts = separator.separate(conformed.audio, rate, stems)
         separation_seconds = time.perf_counter() - started
+        unstored: StorageUnavailable | None = None
         for stem in stems:
             jobs.update_stem(job_id, stem, "running", 0.9)
             level_db = stem_energy_db(parts[stem], conformed.audio)
@@ -349,13 +433,18 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
                                    loop=bool(parameters.get("loop", False)))
             warnings = ([f"nearly silent after separation: {level_db:.1f} dB relative to the mix "
                          f"(threshold {settings.separation_silent_stem_db:g} dB)"] if silent else [])
-            results[stem] = _store_stem(
-                settings, jobs, job_id, request, stem, rendered, made.plan, device=made.device,
-                prompt=made.prompt, arrangement="ensemble", conditioning=made.conditioning,
-                generation_seconds=round(made.seconds, 3),
-                separation={"model": settings.separation_model, "level_db": round(level_db, 2),
-                            "seconds": round(separation_seconds, 3)},
-                silent=silent, warnings=warnings)
+            try:
+                results[stem] = _store_stem(
+                    settings, jobs, job_id, request, stem, rendered, made.plan, device=made.device,
+                    prompt=made.prompt, arrangement="ensemble", conditioning=made.conditioning,
+                    generation_seconds=round(made.seconds, 3),
+                    separation={"model": settings.separation_model, "level_db": round(level_db, 2),
+                                "seconds": round(separation_seconds, 3)},
+                    silent=silent, warnings=warnings)
+            except StorageUnavailable as exc:  # the render is kept: render and keep the others
+                unstored = unstored or exc
+        if unstored is not None:
+            raise unstored
         return [results[stem] for stem in stems]
     except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
         retry = _retry_later(self, settings, exc, f"{job_id} (ensemble)")
@@ -367,6 +456,26 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
         log.exception("ensemble of job %s failed", job_id)
         error = f"{exc.__class__.__name__}: {exc}"
         return [results.get(stem) or _failed(jobs, job_id, stem, error, "ensemble") for stem in stems]
+
+
+def _ensemble_done_or_kept(settings, jobs: JobStore, job_id: str, stems: list[str]) -> list[dict] | None:
+    """The ensemble's results without generating again, when each stem is either recorded
+    completed or kept after a failed upload (then uploaded now); None otherwise.
+
+    Raises:
+        StorageUnavailable.
+    """
+    recorded = {state["stem"]: state for state in jobs.get(job_id)["stems"]}
+    kept = {stem for stem in stems if recorded.get(stem, {}).get("status") != "completed"}
+    if not kept or not all(jobs.staged_rendered(job_id, stem) is not None for stem in kept):
+        return None
+    results = []
+    for stem in stems:
+        if stem in kept:
+            results.append(_upload_kept(settings, jobs, job_id, stem))
+        else:
+            results.append({k: v for k, v in recorded[stem].items() if k != "progress"})
+    return results
 
 
 def job_state(results: list[dict], cancel_requested: bool = False) -> str:

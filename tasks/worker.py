@@ -33,7 +33,7 @@ from celery.worker.control import inspect_command
 import stemgen_logging
 from stems.engine import SamplingParams, resolve_device
 from stems.render import warm_up as render_warm_up
-from tasks import metrics
+from tasks import device_watchdog, metrics
 from tasks.app import app
 from tasks.dispatcher import DispatcherThread, OutboxDispatcher
 from tasks.model_cache import engine_for, loaded
@@ -190,7 +190,7 @@ def stemgen_info(state):
     model ensemble requests are separated with."""
     settings = app.stemgen_settings
     info = {"model": settings.musicgen_model, "device": resolve_device(settings.stemgen_device),
-            "separation_model": settings.separation_model}
+            "separation_model": settings.separation_model, **device_watchdog.readiness()}
     for engine in loaded():
         if engine["model"] == settings.musicgen_model:
             info.update({k: engine[k] for k in ("melody", "mode", "precision",

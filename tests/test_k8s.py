@@ -37,7 +37,8 @@ K8S_VERSIONS = ("1.30.0", "1.35.0")
 #: KEDA's ScaledObject as a JSON schema (draft 7, unknown fields forbidden): `make install` generates
 #: it from the types of the npm package @kubernetes-models/keda (see the Makefile).
 KEDA_SCHEMA = ROOT / ".tools" / "keda" / "scaledobject.schema.json"
-SECRET_VARIABLES = {"AZURE_STORAGE_CONNECTION_STRING", "CALLBACK_SECRET", "STEMGEN_API_KEYS"}
+SECRET_VARIABLES = {"AZURE_STORAGE_CONNECTION_STRING", "CALLBACK_SECRET", "STEMGEN_API_KEYS",
+                    "STEMGEN_ADMIN_KEYS"}
 #: gunicorn's variables (deploy/gunicorn.conf.py): not Settings fields, but real configuration.
 GUNICORN_VARIABLE = re.compile(r"GUNICORN_[A-Z_]+")
 
@@ -357,6 +358,32 @@ def test_workers_get_a_grace_period_above_their_longest_task(docs):
             assert worker["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
         else:
             assert grace > delivery_lock_seconds(settings)
+
+
+def test_generation_deadline_is_below_the_visibility_timeout_and_within_the_grace_period():
+    """One place: the settings hold the deadline, the visibility timeout and the grace period (and
+    refuse a deadline at or above the visibility timeout, or above the grace period); each stems
+    worker's terminationGracePeriodSeconds is its WORKER_GRACE_PERIOD_SECONDS."""
+    from stemgen_settings import load_settings
+
+    defaults = load_settings(_env_file=None)
+    assert defaults.generation_deadline_seconds < defaults.visibility_timeout_seconds
+    assert defaults.generation_deadline_seconds <= defaults.worker_grace_period_seconds
+    for wrong in (dict(visibility_timeout_seconds=900, generation_deadline_seconds=900),
+                  dict(worker_grace_period_seconds=500, generation_deadline_seconds=501)):
+        with pytest.raises(ValueError, match="GENERATION_DEADLINE_SECONDS"):
+            load_settings(_env_file=None, **wrong)
+    checked = 0
+    for overlay in OVERLAYS:
+        docs = _render(overlay)
+        for worker in _stems_workers(docs):
+            settings = _settings_of(docs, worker)
+            grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert settings.generation_deadline_seconds < settings.visibility_timeout_seconds
+            assert settings.generation_deadline_seconds <= grace
+            assert settings.worker_grace_period_seconds == grace
+            checked += 1
+    assert checked >= len(OVERLAYS)
 
 
 def test_gpu_workers_request_a_gpu_and_land_on_gpu_nodes():

@@ -46,7 +46,8 @@ expiring with it; ``list_jobs`` pages through it newest first and drops entries 
 
 The modules, one concern each: ``scripts`` (the Lua scripts), ``records`` (states, key names,
 errors, events), ``store`` (JobStore: records' writes and reads), ``outbox``, ``delivery_locks``,
-``owner_index`` (the job list) and ``protocol`` (EventFeed's packed XREAD).
+``owner_index`` (the job list), ``staging`` (rendered stems kept while their upload fails) and
+``protocol`` (EventFeed's packed XREAD).
 """
 
 from tasks.jobstore.owner_index import LIST_SCAN_MAX, InvalidCursor, JobPage

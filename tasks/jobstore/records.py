@@ -63,6 +63,11 @@ def index_key(owner: str) -> str:
     return f"{_PREFIX}:job-index:{owner or '_'}"
 
 
+def staged_key(job_id: str, stem: str) -> str:
+    """A rendered stem kept while its upload fails (tasks.jobstore.staging)."""
+    return f"{_PREFIX}:staged:{job_id}:{stem}"
+
+
 #: Prefix of the owners' live-job sets (the finish script names the set from the record's owner).
 LIVE_JOBS_PREFIX = f"{_PREFIX}:live-jobs:"
 #: The index of every job (GET /jobs of an admin key); "*" is no key identifier (those are hex).

@@ -18,6 +18,7 @@ from tasks.jobstore.delivery_locks import DeliveryMixin
 from tasks.jobstore.outbox import OutboxMixin
 from tasks.jobstore.owner_index import OwnerIndexMixin
 from tasks.jobstore.protocol import EventFeed
+from tasks.jobstore.staging import StagingMixin
 from tasks.jobstore.records import (ALL_JOBS, LIVE_JOBS_PREFIX, LimitExceeded, live_jobs_key,
                                     submissions_key)
 from tasks.jobstore.records import (EVENTS_KEEP_AFTER_FINISH_SECONDS, EVENTS_MAXLEN, JOB_STATES,
@@ -27,7 +28,7 @@ from tasks.jobstore.records import (EVENTS_KEEP_AFTER_FINISH_SECONDS, EVENTS_MAX
                                     request_fingerprint, request_key)
 
 
-class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin):
+class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin, StagingMixin):
     """Job records in Redis.
 
     Args:

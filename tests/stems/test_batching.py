@@ -206,3 +206,62 @@ def test_rows_of_a_call_do_not_depend_on_arrival_order(engine):
     forward = [[i.prompt for i in call] for call in batcher.plan_round(items)]
     backward = [[i.prompt for i in call] for call in batcher.plan_round(items[::-1])]
     assert forward == backward == [["bass", "drums", "guitar"]]
+
+
+class _HangingEngine:
+    """The real engine, whose next call can be made to hang (an injected stuck device call)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, *args, **kwargs):
+        if self.hang.is_set():
+            self.release.wait(120)
+        return self._engine.generate(*args, **kwargs)
+
+
+def test_a_hung_generation_ends_within_its_deadline(engine):
+    import time
+
+    from stems.batching import GenerationDeadline, GenerationTimeout
+
+    hanging = _HangingEngine(engine)
+    hung = []
+    deadline = GenerationDeadline(max_seconds=60.0, min_seconds=0.5, slack=4.0)
+    batcher = StemBatcher(hanging, max_batch=1, window_seconds=0.0, deadline=deadline,
+                          on_hung=hung.append)
+    try:
+        assert batcher.generate("warm", 1.0).shape == (1, 32000)  # measured: the deadline follows it
+        allowed = deadline.seconds(1.0, batcher.speed())
+        assert 0.5 < allowed < 60.0
+        hanging.hang.set()
+        started = time.monotonic()
+        results, errors = call_concurrently(batcher, [{"prompt": "stuck", "duration_seconds": 1.0},
+                                                      {"prompt": "queued", "duration_seconds": 1.0}])
+        elapsed = time.monotonic() - started
+        assert results == [None, None]
+        assert all(isinstance(error, GenerationTimeout) for error in errors), errors
+        assert "ran past its deadline" in str(errors[0])
+        assert elapsed <= allowed + 1.0 + 0.5  # the deadline, one look of the watchdog, scheduling
+        assert hung == [batcher.hung] and batcher.hung is not None
+        with pytest.raises(GenerationTimeout):  # refused at once from now on
+            batcher.generate("later", 1.0)
+    finally:
+        hanging.release.set()
+        deadline_at = time.monotonic() + 60
+        while batcher._current is not None and time.monotonic() < deadline_at:
+            time.sleep(0.05)  # the released call ends before the interpreter does
+
+
+def test_the_deadline_is_the_maximum_until_a_call_was_measured():
+    from stems.batching import GenerationDeadline
+
+    deadline = GenerationDeadline(max_seconds=600.0, min_seconds=30.0, slack=4.0)
+    assert deadline.seconds(30.0, None) == 600.0
+    assert deadline.seconds(30.0, 0.5) == 30.0 + 4.0 * 0.5 * 30.0
+    assert deadline.seconds(120.0, 10.0) == 600.0

@@ -110,7 +110,8 @@ def test_concurrent_deliveries_post_once(store, configure):
 
 
 def test_lock_wait_stays_inside_the_visibility_timeout(store, configure):
-    configure(visibility_timeout_seconds=20, callback_backoff_max_seconds=10)
+    configure(visibility_timeout_seconds=20, callback_backoff_max_seconds=10,
+              generation_deadline_seconds=15)
     job_id = finished_job(store, "http://127.0.0.1:9/cb")
     store.acquire_delivery_lock(job_id, 60)
     outcome = deliver(job_id)

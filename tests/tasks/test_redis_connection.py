@@ -13,7 +13,6 @@ from redis.sentinel import SentinelConnectionPool
 from stemgen_settings import load_settings
 from tasks.app import celery_config
 from tasks.redis_connection import (
-from tests.harness import REDIS
     DEFAULT_WAIT_TIMEOUT_MS,
     ReplicatedRedis,
     ReplicationTimeout,
@@ -22,6 +21,7 @@ from tests.harness import REDIS
     connect,
     parse_redis_url,
 )
+from tests.harness import REDIS
 
 ROOT = Path(__file__).resolve().parents[2]
 

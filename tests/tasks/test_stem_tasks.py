@@ -1,4 +1,7 @@
-"""Pure parts of the task layer: final state, callback body, sampling overrides."""
+"""The task layer: final state, callback body, sampling overrides (pure); a stem sent on to its
+model's queue (real Redis)."""
+
+import pytest
 
 from stemgen_settings import load_settings
 from tasks.stem_tasks import callback_payload, flat_results, job_coherence, job_state, sampling_params
@@ -57,3 +60,41 @@ def test_coherence_of_a_finished_job():
     body = callback_payload({"job_id": "j", "generation_request_id": "g", "audio_file_id": "a",
                              "plan": record}, results, "partial", report)
     assert body["plan"] == record and body["coherence"] == report
+
+
+def test_a_stem_on_a_worker_of_another_model_goes_to_its_models_queue(monkeypatch):
+    from celery.exceptions import Retry
+
+    from stemgen_settings import load_settings
+    from tasks import stem_tasks
+    from tasks.jobstore import JobStore
+    from tests.harness import REDIS
+
+    store = JobStore(f"{REDIS}/12", ttl_seconds=60)
+    store._redis.flushdb()
+    settings = load_settings(result_backend=f"{REDIS}/12", musicgen_model="tiny",
+                             musicgen_models="tiny,tiny-melody")
+    monkeypatch.setattr(stem_tasks.app, "stemgen_settings", settings, raising=False)
+    monkeypatch.setattr(stem_tasks.app, "_stemgen_jobstore", store, raising=False)
+    request = {"generation_request_id": "gen-1", "audio_file_id": "a", "target_stems": ["bass"],
+               "parameters": {"target_bpm": 120.0, "duration_seconds": 4.0, "model": "tiny-melody"}}
+    job_id = store.create(request, ["bass"], None).job_id
+    sent = []
+
+    def retry(queue=None, countdown=None, max_retries=None, **_):
+        sent.append((queue, max_retries))
+        return Retry("sent on")
+
+    monkeypatch.setattr(stem_tasks.generate_stem, "retry", retry)
+    with pytest.raises(Retry):
+        stem_tasks.generate_stem.run(job_id, "bass", request)
+    assert sent == [("stems.tiny-melody", 1)]
+    assert store.get(job_id)["stems"][0]["status"] == "queued"  # not failed, not counted as a run
+    # after MODEL_REQUEUES hops (a queue consumed by the wrong workers) the stem fails, clearly
+    stem_tasks.generate_stem.push_request(retries=stem_tasks.MODEL_REQUEUES)
+    try:
+        result = stem_tasks.generate_stem.run(job_id, "bass", request)
+    finally:
+        stem_tasks.generate_stem.pop_request()
+    assert result["status"] == "failed" and "ModelNotHeld" in result["error"]
+    store._redis.flushdb()
