@@ -59,6 +59,24 @@ $(KEDA_SCHEMA):
 	.tools/keda/node_modules/.bin/ts-json-schema-generator --tsconfig .tools/keda/tsconfig.json --path .tools/keda/node_modules/@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject.d.ts --type IScaledObject --expose none --out $(KEDA_SCHEMA).tmp
 	mv $(KEDA_SCHEMA).tmp $(KEDA_SCHEMA)
 
+# /docs serves Swagger UI (npm's swagger-ui-dist) from the package, and the browser test
+# (tests/browser) checks accessibility with axe-core (npm): both pinned, copied out of npm's tree.
+# The browser test's Chromium is Debian's (.ci/run installs it; the test skips without it).
+SWAGGER_UI := api/static/vendor/swagger-ui/swagger-ui-bundle.js
+SWAGGER_UI_PACKAGE := swagger-ui-dist@5.35.0
+AXE := tests/browser/vendor/axe.min.js
+AXE_PACKAGE := axe-core@4.14.1
+install: $(SWAGGER_UI) $(AXE)
+$(SWAGGER_UI):
+	rm -rf build/npm-swagger-ui && mkdir -p build/npm-swagger-ui api/static/vendor/swagger-ui
+	npm install --prefix build/npm-swagger-ui --no-audit --no-fund --loglevel=error $(SWAGGER_UI_PACKAGE)
+	cp build/npm-swagger-ui/node_modules/swagger-ui-dist/{swagger-ui.css,LICENSE} api/static/vendor/swagger-ui/
+	cp build/npm-swagger-ui/node_modules/swagger-ui-dist/swagger-ui-bundle.js $(SWAGGER_UI)
+$(AXE):
+	rm -rf build/npm-axe && mkdir -p build/npm-axe tests/browser/vendor
+	npm install --prefix build/npm-axe --no-audit --no-fund --loglevel=error $(AXE_PACKAGE)
+	cp build/npm-axe/node_modules/axe-core/axe.min.js $(AXE)
+
 services: install
 	bash deploy/local/services.sh
 

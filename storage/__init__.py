@@ -2,6 +2,7 @@
 
 from storage.blob import (
     BlobNotFound,
+    BlobReader,
     BlobStore,
     BlobTooLarge,
     StorageError,
@@ -11,5 +12,5 @@ from storage.blob import (
     store_from_settings,
 )
 
-__all__ = ["BlobNotFound", "BlobStore", "BlobTooLarge", "StorageError", "StorageUnavailable",
+__all__ = ["BlobNotFound", "BlobReader", "BlobStore", "BlobTooLarge", "StorageError", "StorageUnavailable",
            "StoredBlob", "blob_name_for", "store_from_settings"]
