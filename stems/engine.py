@@ -374,6 +374,11 @@ class StemEngine:
         return "self_wav" in self._model.lm.condition_provider.conditioners
 
     @property
+    def frame_rate(self) -> float:
+        """Decoding steps per second of audio, Hz (the codec's token rate)."""
+        return float(self._model.frame_rate)
+
+    @property
     def max_duration_seconds(self) -> float:
         """Longest clip generated in one window; longer ones are extended by audiocraft."""
         return float(self._model.max_duration)
