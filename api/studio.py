@@ -33,10 +33,10 @@ docs_bp = Blueprint("docs", __name__)
 
 _COMMON_CSP = ("default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
                "object-src 'none'")
-#: The studio: its own scripts and styles, the API (fetch), decoded audio (no <audio> element:
-#: Web Audio plays what fetch read) and downloads made as blob: URLs.
+#: The studio: its own scripts and styles, and the API through fetch (stem audio included: Web
+#: Audio decodes what fetch read, so no media element loads anything; downloads are blob: links).
 STUDIO_CSP = (f"{_COMMON_CSP}; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-              "connect-src 'self'; media-src 'self' blob:")
+              "connect-src 'self'")
 #: Swagger UI: its bundle and our initializer, its stylesheet; it fetches /openapi.json and, with
 #: "Try it out", the API (same origin); its icons are data: URIs.
 DOCS_CSP = (f"{_COMMON_CSP}; script-src 'self'; style-src 'self'; img-src 'self' data:; "
