@@ -21,7 +21,8 @@ $(STAMP): setup.cfg pyproject.toml requirements/audiocraft.txt requirements/cons
 	# audiocraft's own pins (torch 2.1, xformers<0.0.23) do not install here; its code runs on the above.
 	$(UV) pip install --python $(PY) --no-deps audiocraft==1.3.0
 	$(UV) pip install --python $(PY) -e '.[dev,bench,monitor]' -c requirements/constraints.txt
-	$(PY) -c "import audiocraft.models, stems.engine, api, tasks.app"
+	# stems first: it keeps audiocraft from loading an xFormers extension built for another torch
+	$(PY) -c "import stems.engine, audiocraft.models, api, tasks.app"
 	# Fills librosa's on-disk numba cache (20-30 s, once) so that no worker start compiles it.
 	$(PY) -c "from stems.render import warm_up; warm_up()"
 	touch $(STAMP)
