@@ -182,13 +182,12 @@ def test_studio_in_a_real_browser(stack, browser):
 
     # loop over bars 2-3: the loop points are the plan's bar times
     bar_seconds = int(job["plan"]["time_signature"].split("/")[0]) * 60.0 / job["plan"]["bpm"]
-    page.check("#loop")
     page.fill("#loop-from", "2")
     page.fill("#loop-to", "3")
-    page.dispatch_event("#loop-to", "change")
+    page.check("#loop")  # a change event: every source restarts with the loop
     wait_until(
-        page, "window.__starts.length >= 6 && window.__starts.slice(-3).every(s => s.loop && s.loopEnd > 0"
-        f" && Math.abs(s.loopStart - {bar_seconds}) < 1e-9)")
+        page, "window.__starts.length >= 6 && window.__starts.slice(-3).every(s => s.loop"
+        f" && Math.abs(s.loopStart - {bar_seconds}) < 1e-9 && Math.abs(s.loopEnd - {3 * bar_seconds}) < 1e-9)")
     looped = page.evaluate("window.__starts.slice(-3)")
     assert len({s["when"] for s in looped}) == 1
     for s in looped:

@@ -54,8 +54,8 @@ export class StemPlayer {
   }
 
   applyGains() {
-    const now = this.context.currentTime;
-    for (const t of this.tracks) t.gainNode.gain.setValueAtTime(this.effectiveGain(t), now);
+    // The value setter takes effect now (and reads back at once, unlike a scheduled change).
+    for (const t of this.tracks) t.gainNode.gain.value = this.effectiveGain(t);
   }
 
   setMuted(stem, muted) { this.track(stem).muted = muted; this.applyGains(); }
