@@ -7,6 +7,7 @@ The engine reports the fraction of decoding steps done per batched call (StemEng
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import TextIO
 
@@ -39,9 +40,12 @@ class StemProgress:
         self.steps = {stem: 0 for stem in self.stems}
         self.bars: dict[str, tqdm] = {}
         if self.tty:
+            # a terminal that reports no size (0 x 0) gets 100 x 24: tqdm would draw nothing
+            size = shutil.get_terminal_size(fallback=(100, 24))
             for position, stem in enumerate(self.stems):
                 self.bars[stem] = tqdm(total=self.total_steps, desc=stem, position=position,
-                                       file=stream, bar_format=BAR_FORMAT, dynamic_ncols=True,
+                                       file=stream, bar_format=BAR_FORMAT, ncols=size.columns,
+                                       nrows=max(size.lines, len(self.stems) + 1),
                                        leave=True, postfix=self._audio(0))
 
     def _audio(self, steps: int) -> str:

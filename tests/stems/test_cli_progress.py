@@ -40,3 +40,36 @@ def test_on_a_terminal_a_bar_per_stem_with_steps_audio_seconds_and_time_left():
         shown.done("guitar")
         assert shown.bars["guitar"].n == 400
     assert "done," not in out.getvalue()
+
+
+def test_bars_on_a_real_terminal_even_one_that_reports_no_size():
+    """A pty without a window size (0 x 0, as under some CI runners and `script`): bars still show."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    code = ("import sys\nfrom stems.cli_progress import StemProgress\n"
+            "with StemProgress(['guitar', 'drums'], 100, 2.0, sys.stderr) as p:\n"
+            "    p.advance(['guitar', 'drums'], 0.5)\n    p.done('guitar')\n    p.done('drums')\n")
+    master, slave = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave,
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert child.wait(timeout=60) == 0, out
+    text = out.decode()
+    assert " guitar 100%|" in text and "  drums 100%|" in text
+    assert "100/100 steps, 2.0/2 s audio" in text
+    assert "done," not in text
