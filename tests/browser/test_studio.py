@@ -40,7 +40,7 @@ KEY = "studio-browser-test-key-0123456789"
 if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does): "
                 "the browser test needs it", allow_module_level=True)
-playwright_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api as playwright_api  # noqa: E402  (after the skip: a dev dependency)
 
 # Before any page script: record every AudioBufferSourceNode.start (as the browser got it), and
 # every CSP violation.
@@ -60,6 +60,7 @@ AudioBufferSourceNode.prototype.start = function (when, offset) {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    assert AXE.is_file(), f"make install copies axe-core (npm) to {AXE}"
     tmp = tmp_path_factory.mktemp("studio")
     env = service_env(tmp, STEMGEN_API_KEYS=KEY, CANCEL_POLL_SECONDS="0.2")
     with running_stack(env, tmp, name="studio") as (base, _, _):
@@ -227,9 +228,35 @@ def test_studio_in_a_real_browser(stack, browser):
     assert cancelled_id != job_id
     assert api_get(base, f"/jobs/{cancelled_id}")["status"] == "cancelled"
 
-    # the job list pages through GET /jobs and reopens a past job
+    # the job list pages through GET /jobs (10 a page) and reopens a past job: 11 more jobs, each
+    # cancelled at once (never generated), make at least two pages
+    for i in range(11):
+        answer = requests.post(f"{base}/generate", headers={"Authorization": f"Bearer {KEY}"}, timeout=10,
+                               json={"generation_request_id": f"page-{i}-{time.time_ns()}",
+                                     "audio_file_id": "studio", "target_stems": ["drums"],
+                                     "parameters": {"target_bpm": 120, "duration_seconds": 2}})
+        assert answer.status_code == 202, answer.text
+        requests.delete(f"{base}/jobs/{answer.json()['job_id']}",
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=10).raise_for_status()
+    listed, cursor = [], None
+    while True:  # the API's own paging, for comparison
+        page_of_jobs = api_get(base, "/jobs?limit=10" + (f"&cursor={cursor}" if cursor else ""))
+        listed += [j["job_id"] for j in page_of_jobs["jobs"]]
+        cursor = page_of_jobs["next_cursor"]
+        if not cursor:
+            break
     page.click("#refresh-jobs")
-    page.wait_for_selector(f"#jobs-table tr[data-job-id='{job_id}']")
+    wait_until(page, "document.querySelectorAll('#jobs-table tbody tr').length === 10")
+    assert page.is_visible("#more-jobs")
+    for _ in range(len(listed)):
+        if not page.is_visible("#more-jobs"):
+            break
+        rows = page.locator("#jobs-table tbody tr").count()
+        page.click("#more-jobs")
+        wait_until(page, f"document.querySelectorAll('#jobs-table tbody tr').length > {rows}"
+                         " || document.getElementById('more-jobs').hidden")
+    shown = page.evaluate("[...document.querySelectorAll('#jobs-table tbody tr')].map(r => r.dataset.jobId)")
+    assert shown == listed
     page.click(f"#jobs-table tr[data-job-id='{job_id}'] button")
     page.wait_for_selector("#player-section[data-loaded='3']", timeout=60_000)
 
