@@ -100,7 +100,8 @@ function requestBody() {
     arrangement: $("f-arrangement").value,
     seed: number("f-seed"),
     model: $("f-model").value || undefined,
-    output: { format: $("f-format").value, sample_rate: Number($("f-rate").value) },
+    output: { format: $("f-format").value, sample_rate: Number($("f-rate").value),
+              bit_depth: number("f-bit-depth"), channels: number("f-channels") },
   };
   const chords = text("f-chords");
   if (chords) parameters.chords = chords.split(",").map((c) => c.trim()).filter(Boolean);
