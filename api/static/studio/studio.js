@@ -322,6 +322,8 @@ function draw() {
     const canvas = $(`wave-${t.stem}`);
     if (canvas) drawTrack(canvas, state.waves[t.stem], state.grid, duration, view);
   }
+  const label = player.playing ? "Pause" : "Play"; // also when the stems played to their end
+  if ($("play").textContent !== label) $("play").textContent = label;
   const p = view.playhead;
   $("position").textContent = `${Math.floor(p / 60)}:${(p % 60).toFixed(1).padStart(4, "0")}`;
 }
