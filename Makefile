@@ -21,7 +21,8 @@ $(STAMP): setup.cfg pyproject.toml requirements/audiocraft.txt requirements/cons
 	# audiocraft's own pins (torch 2.1, xformers<0.0.23) do not install here; its code runs on the above.
 	$(UV) pip install --python $(PY) --no-deps audiocraft==1.3.0
 	$(UV) pip install --python $(PY) -e '.[dev,bench,monitor]' -c requirements/constraints.txt
-	$(PY) -c "import audiocraft.models, stems.engine, api, tasks.app"
+	# stems first: it keeps audiocraft from loading an xFormers extension built for another torch
+	$(PY) -c "import stems.engine, audiocraft.models, api, tasks.app"
 	# Fills librosa's on-disk numba cache (20-30 s, once) so that no worker start compiles it.
 	$(PY) -c "from stems.render import warm_up; warm_up()"
 	touch $(STAMP)
@@ -86,6 +87,24 @@ $(PROMETHEUS_OPERATOR_SCHEMAS) &: $(KEDA_SCHEMA)
 	  .tools/keda/node_modules/.bin/ts-json-schema-generator --tsconfig .tools/prometheus-operator/tsconfig.json --path .tools/prometheus-operator/node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/$$kind.d.ts --type I$$kind --expose none --out .tools/prometheus-operator/$$lower.schema.json.tmp && \
 	  mv .tools/prometheus-operator/$$lower.schema.json.tmp .tools/prometheus-operator/$$lower.schema.json || exit 1; \
 	done
+
+# /docs serves Swagger UI (npm's swagger-ui-dist) from the package, and the browser test
+# (tests/browser) checks accessibility with axe-core (npm): both pinned, copied out of npm's tree.
+# The browser test's Chromium is Debian's (.ci/run installs it; the test skips without it).
+SWAGGER_UI := api/static/vendor/swagger-ui/swagger-ui-bundle.js
+SWAGGER_UI_PACKAGE := swagger-ui-dist@5.35.0
+AXE := tests/browser/vendor/axe.min.js
+AXE_PACKAGE := axe-core@4.14.1
+install: $(SWAGGER_UI) $(AXE)
+$(SWAGGER_UI):
+	rm -rf build/npm-swagger-ui && mkdir -p build/npm-swagger-ui api/static/vendor/swagger-ui
+	npm install --prefix build/npm-swagger-ui --no-audit --no-fund --loglevel=error $(SWAGGER_UI_PACKAGE)
+	cp build/npm-swagger-ui/node_modules/swagger-ui-dist/{swagger-ui.css,LICENSE} api/static/vendor/swagger-ui/
+	cp build/npm-swagger-ui/node_modules/swagger-ui-dist/swagger-ui-bundle.js $(SWAGGER_UI)
+$(AXE):
+	rm -rf build/npm-axe && mkdir -p build/npm-axe tests/browser/vendor
+	npm install --prefix build/npm-axe --no-audit --no-fund --loglevel=error $(AXE_PACKAGE)
+	cp build/npm-axe/node_modules/axe-core/axe.min.js $(AXE)
 
 services: install
 	bash deploy/local/services.sh

@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None, service=None) -> Flask:
         settings: defaults to the environment's settings.
         service: the task-layer facade (``tasks.service.JobService``); tests may pass a fake.
     """
-    from api import auth, metrics
+    from api import auth, metrics, studio
     from api.errors import register_error_handlers
     from api.routes import generate_bp, health_bp, jobs_bp, openapi_bp
     from tasks.callback_target import CallbackPolicy
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, service=None) -> Flask:
     app.extensions["stemgen.callback_policy"] = policy
     for bp in (generate_bp, jobs_bp, health_bp, openapi_bp):
         app.register_blueprint(bp)
+    studio.init_app(app)  # /studio, /docs and the security headers
     register_error_handlers(app)
     metrics.init_app(app, settings)  # first: its timing and log scope wrap auth's check too
     auth.init_app(app, settings.api_keys, settings.admin_keys)

@@ -17,7 +17,8 @@ key's source songs in SOURCE_AUDIO_CONTAINER, docs/api.md).
 
 Open without a key: ``/health/live`` and ``/health/ready`` (orchestrator probes carry no secrets;
 ``/health/ready`` then answers only ok/unavailable, without error details) and ``/openapi.json``
-(the contract is public, as in docs/api.md). Everything else, unknown paths included, needs a key.
+(the contract is public, as in docs/api.md), and the pages ``/studio`` and ``/docs`` with their
+static files (api.studio: what they show comes through the API, with a key). Everything else, unknown paths included, needs a key.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from api.errors import ApiError
 log = logging.getLogger(__name__)
 
 #: Endpoints (blueprint.function) answered without a key.
-OPEN_ENDPOINTS = frozenset({"health.live", "health.ready", "openapi.openapi"})
+OPEN_ENDPOINTS = frozenset({"health.live", "health.ready", "openapi.openapi",
+                            # the pages and their static files (api.studio): they hold no data
+                            "studio.page", "studio.asset", "docs.page", "docs.asset"})
 
 #: Shorter keys are accepted but logged as weak at start-up.
 MIN_KEY_LENGTH = 16

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import os
 import tempfile
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Literal
@@ -157,6 +158,18 @@ def compression_config(scale: Literal["tiny", "full"] = "tiny") -> dict:
     }
 
 
+@contextlib.contextmanager
+def codec_deprecation_silenced() -> Iterator[None]:
+    """Building audiocraft 1.3.0's codec (SEANet) calls ``torch.nn.utils.weight_norm``, which torch
+    2.11 deprecates: a FutureWarning about audiocraft's code on every model build or load, nothing
+    a user can act on. Only that warning is silenced (not thread-safe: warnings.catch_warnings;
+    models are built and loaded at start-up)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r".*torch\.nn\.utils\.weight_norm.* is deprecated")
+        yield
+
+
 def write_checkpoint(directory: str | os.PathLike, scale: Scale = "tiny", *, seed: int = 0,
                      max_duration_seconds: float = 30.0, melody: bool = False) -> Path:
     """Write a random-weight MusicGen checkpoint that ``MusicGen.get_pretrained(directory)`` loads.
@@ -183,13 +196,15 @@ def write_checkpoint(directory: str | os.PathLike, scale: Scale = "tiny", *, see
     lm_cfg = lm_config(scale, max_duration_seconds=max_duration_seconds, melody=melody)
     comp_cfg = compression_config("tiny" if scale == "tiny" else "full")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(codec_deprecation_silenced())
         if melody:
             # Building the LM builds the ChromaStemConditioner, which loads "htdemucs" already.
             write_tiny_demucs(melody_torch_home(out), "htdemucs", seed=seed)
             stack.enter_context(melody_environment(out))
         torch.manual_seed(seed)
         lm = builders.get_lm_model(OmegaConf.create(copy.deepcopy(lm_cfg)))
-    compression = builders.get_compression_model(OmegaConf.create(copy.deepcopy(comp_cfg)))
+    with codec_deprecation_silenced():
+        compression = builders.get_compression_model(OmegaConf.create(copy.deepcopy(comp_cfg)))
     torch.save({"xp.cfg": lm_cfg, "best_state": lm.state_dict()}, out / "state_dict.bin")
     torch.save({"xp.cfg": comp_cfg, "best_state": compression.state_dict()},
                out / "compression_state_dict.bin")

@@ -36,6 +36,7 @@ def _positive(value: str) -> float:
 def cmd_generate(args: argparse.Namespace) -> int:
     from stemgen_settings import load_settings
     from stems.analysis import stem_analysis
+    from stems.cli_progress import StemProgress
     from stems.engine import AudioConditioning, SamplingParams, StemEngine
     from stems.plan import PlanError, bars_for, make_plan, render_chords
     from stems.prompts import HARMONIC_STEMS, build_stem_prompt
@@ -61,28 +62,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 "plan") if engine.supports_melody else None)
     started = time.perf_counter()
     audio = [None] * len(args.stems)
-    for harmonic in (True, False):
-        rows = [i for i, s in enumerate(args.stems) if (s in HARMONIC_STEMS) == harmonic]
-        if rows:
-            clips = engine.generate([prompts[i] for i in rows], length, sampling=sampling,
-                                    seed=args.seed, conditioning=chroma if harmonic else None)
-            for i, clip in zip(rows, clips):
-                audio[i] = clip
-    generated = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": model, "device": engine.device, "generation_seconds": round(generated, 3),
-              "plan": plan.to_dict(), "stems": []}
-    for stem, prompt, clip in zip(args.stems, prompts, audio):
-        rendered = render_stem(clip, engine.sample_rate, bpm=args.bpm, duration_seconds=args.duration,
-                               beats_per_bar=settings.beats_per_bar, loop=args.loop,
-                               target_lufs=settings.target_lufs,
-                               max_true_peak_dbtp=settings.max_true_peak_dbtp)
-        path = out / f"{stem}.wav"
-        path.write_bytes(rendered.data)
-        report["stems"].append({"stem": stem, "path": str(path), "prompt": prompt, **rendered.metadata(),
-                                "analysis": stem_analysis(rendered.audio, rendered.sample_rate, plan,
-                                                          harmonic=stem in HARMONIC_STEMS)})
+    # progress on stderr (stdout carries the report): bars on a terminal, else a line per stem
+    with StemProgress(args.stems, int(length * engine.frame_rate), args.duration, sys.stderr) as shown:
+        for harmonic in (True, False):
+            rows = [i for i, s in enumerate(args.stems) if (s in HARMONIC_STEMS) == harmonic]
+            if rows:
+                names = [args.stems[i] for i in rows]
+                clips = engine.generate([prompts[i] for i in rows], length, sampling=sampling,
+                                        seed=args.seed, conditioning=chroma if harmonic else None,
+                                        progress=lambda fraction, names=names: shown.advance(names, fraction))
+                for i, clip in zip(rows, clips):
+                    audio[i] = clip
+        generated = time.perf_counter() - started
+        report = {"model": model, "device": engine.device, "generation_seconds": round(generated, 3),
+                  "plan": plan.to_dict(), "stems": []}
+        for stem, prompt, clip in zip(args.stems, prompts, audio):
+            rendered = render_stem(clip, engine.sample_rate, bpm=args.bpm, duration_seconds=args.duration,
+                                   beats_per_bar=settings.beats_per_bar, loop=args.loop,
+                                   target_lufs=settings.target_lufs,
+                                   max_true_peak_dbtp=settings.max_true_peak_dbtp)
+            path = out / f"{stem}.wav"
+            path.write_bytes(rendered.data)
+            report["stems"].append({"stem": stem, "path": str(path), "prompt": prompt, **rendered.metadata(),
+                                    "analysis": stem_analysis(rendered.audio, rendered.sample_rate, plan,
+                                                              harmonic=stem in HARMONIC_STEMS)})
+            shown.done(stem, str(path))
     print(json.dumps(report, indent=2))
     return 0
 

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from stems import xformers_stand_in
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -119,12 +121,13 @@ def _load_musicgen(source: str, device: str):
     cache (``stems.checkpoint.melody_torch_home``: the tiny htdemucs a melody conditioner loads)
     is loaded with TORCH_HOME pointing there."""
     from audiocraft.models import MusicGen
-    from stems.checkpoint import melody_environment, melody_torch_home
+    from stems.checkpoint import codec_deprecation_silenced, melody_environment, melody_torch_home
 
-    if melody_torch_home(source).is_dir():
-        with melody_environment(source):
-            return MusicGen.get_pretrained(source, device=device)
-    return MusicGen.get_pretrained(source, device=device)
+    with codec_deprecation_silenced():
+        if melody_torch_home(source).is_dir():
+            with melody_environment(source):
+                return MusicGen.get_pretrained(source, device=device)
+        return MusicGen.get_pretrained(source, device=device)
 
 
 ATTENTION_BACKENDS = ("torch", "xformers")
@@ -312,6 +315,9 @@ class StemEngine:
                  capacity_seconds: float | None = None):
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
+        if attention_backend == "xformers" and xformers_stand_in.active():
+            raise ValueError("attention_backend 'xformers' needs an xformers build whose extension "
+                             "loads on this torch (stems.xformers_stand_in)")
         if num_threads is not None and num_threads < 1:
             raise ValueError("num_threads must be >= 1")
         # audiocraft's config code reads $USER, unset in some containers.
@@ -372,6 +378,11 @@ class StemEngine:
         """True for a melody-conditioned MusicGen (a ``self_wav`` chroma conditioner), which
         accepts ``AudioConditioning(kind="chroma")``."""
         return "self_wav" in self._model.lm.condition_provider.conditioners
+
+    @property
+    def frame_rate(self) -> float:
+        """Decoding steps per second of audio, Hz (the codec's token rate)."""
+        return float(self._model.frame_rate)
 
     @property
     def max_duration_seconds(self) -> float:

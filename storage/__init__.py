@@ -2,6 +2,7 @@
 
 from storage.blob import (
     BlobNotFound,
+    BlobReader,
     BlobStore,
     BlobTooLarge,
     InvalidBlobName,
@@ -13,6 +14,6 @@ from storage.blob import (
     store_from_settings,
 )
 
-__all__ = ["BlobNotFound", "BlobStore", "BlobTooLarge", "InvalidBlobName", "StorageError",
+__all__ = ["BlobNotFound", "BlobReader", "BlobStore", "BlobTooLarge", "InvalidBlobName", "StorageError",
            "StorageUnavailable", "StoredBlob", "blob_name_for", "source_blob_name",
            "store_from_settings"]

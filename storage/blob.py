@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Iterator
 
 from azure.core.exceptions import (
     AzureError,
@@ -53,6 +54,15 @@ class StoredBlob:
     blob_name: str
     url: str            # with a read SAS when the credential can sign one
     size_bytes: int
+
+
+@dataclass(frozen=True)
+class BlobReader:
+    """A blob opened for reading: its size (bytes), its Content-Type and an iterator of its bytes."""
+
+    size: int
+    content_type: str
+    chunks: Iterator[bytes]
 
 
 def blob_name_for(job_id: str, stem: str, extension: str = "wav") -> str:
@@ -191,6 +201,24 @@ class BlobStore:
             raise BlobNotFound(f"no blob {blob_name!r} in container {self.container!r}") from exc
         except AzureError as exc:
             raise _translate(exc) from exc
+
+    def open_read(self, blob_name: str) -> "BlobReader":
+        """Open a blob for reading in chunks (for relaying it without holding it whole).
+
+        Raises:
+            BlobNotFound: no such container or blob. StorageUnavailable, StorageError.
+        """
+        blob = self._container.get_blob_client(blob_name)
+        try:
+            downloader = blob.download_blob()
+        except ResourceNotFoundError as exc:
+            raise BlobNotFound(f"no blob {blob_name!r} in container {self.container!r}") from exc
+        except AzureError as exc:
+            raise _translate(exc) from exc
+        properties = downloader.properties
+        return BlobReader(size=int(properties.size),
+                          content_type=properties.content_settings.content_type or "application/octet-stream",
+                          chunks=downloader.chunks())
 
     def ping(self) -> None:
         """Check that storage answers and the container exists (creating it when missing).

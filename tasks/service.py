@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import redis
 
 from stemgen_settings import Settings
-from storage import StorageError, store_from_settings
+from storage import BlobNotFound, StorageError, store_from_settings
 from tasks.app import app as celery_app
 from tasks.jobstore import (EVENT_ID, FINAL_JOB_STATES, EventFeed, IdempotencyConflict, InvalidCursor,
                             JobEvent, JobFinished, JobNotFound, JobPage, JobStore, LimitExceeded,
@@ -138,6 +138,20 @@ class JobService:
     def event_feed(self) -> EventFeed:
         """A reader of many jobs' events at once, for the gateway's one event hub per process."""
         return self.jobs.event_feed()
+
+    def open_stem_audio(self, blob_name: str):
+        """A finished stem's file, opened for relaying (storage.BlobStore.open_read): its size,
+        Content-Type and chunks; None when the blob is gone (deleted, or its container expired).
+
+        Raises:
+            ServiceUnavailable: blob storage is unreachable or refuses the read.
+        """
+        try:
+            return store_from_settings(self.settings).open_read(blob_name)
+        except BlobNotFound:
+            return None
+        except StorageError as exc:  # StorageUnavailable and refusals alike: the caller may retry
+            raise ServiceUnavailable(f"blob storage: {exc}") from exc
 
     # --- health ---------------------------------------------------------------------------------------
     def broker_health(self) -> ComponentHealth:

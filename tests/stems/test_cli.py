@@ -32,6 +32,11 @@ def test_generate_with_tiny_model(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [s["stem"] for s in report["stems"]] == ["guitar", "bass"]
+    # not a terminal: one progress line per stem, and nothing else (no warnings at start, on a
+    # fresh cache where the tiny checkpoint is written first)
+    lines = result.stderr.splitlines()
+    assert [line.split(": done, ")[0] for line in lines] == ["guitar", "bass"], result.stderr
+    assert lines[1].endswith(str(tmp_path / "out" / "bass.wav"))
     for stem in report["stems"]:
         audio, rate = sf.read(stem["path"])
         assert rate == 32000
