@@ -133,7 +133,7 @@ class BlobStore:
         if self._container_ready:
             return
         try:
-            self._container.create_container()
+            self._container.create_container(retry_hook=_log_retry)
         except ResourceExistsError:
             pass
         except AzureError as exc:
@@ -154,7 +154,8 @@ class BlobStore:
         try:
             blob.upload_blob(data, overwrite=True,
                              content_settings=ContentSettings(content_type=content_type),
-                             metadata={k: _metadata_value(v) for k, v in (metadata or {}).items()})
+                             metadata={k: _metadata_value(v) for k, v in (metadata or {}).items()},
+                             retry_hook=_log_retry)
         except AzureError as exc:
             raise _translate(exc) from exc
         return StoredBlob(self.container, blob_name, self.read_url(blob_name), len(data))
@@ -228,6 +229,14 @@ class BlobStore:
         """
         self._container_ready = False
         self.ensure_container()
+
+
+def _log_retry(retry_count: int = 0, request=None, response=None, error=None, **_) -> None:
+    """The SDK's ``retry_hook`` (its ExponentialRetry calls it before each retry's wait): one
+    warning per retried storage request, so that an outage's retries show and can be counted."""
+    what = f"{request.method} {request.url.split('?', 1)[0]}" if request is not None else "request"
+    why = error if error is not None else f"HTTP {getattr(response, 'status_code', '?')}"
+    log.warning("storage retry %d of %s: %s", retry_count + 1, what, why)
 
 
 def _metadata_value(value: object) -> str:

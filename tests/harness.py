@@ -170,7 +170,9 @@ def start_gateway(env: dict[str, str], tmp_path: Path, timeout: float = 60) -> t
         if gateway.proc.poll() is not None:
             raise RuntimeError(f"gateway exited:\n{gateway.log()}")
         try:
-            if requests.get(f"{base}/health/live", timeout=1).status_code == 200:
+            # A request once sent is waited for (read timeout 60 s): one given up on could still
+            # be served later and show in a test's metrics. Only the connection attempt is short.
+            if requests.get(f"{base}/health/live", timeout=(1, 60)).status_code == 200:
                 return gateway, base
         except requests.RequestException:  # not listening yet, or busy starting
             pass

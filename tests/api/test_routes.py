@@ -195,6 +195,18 @@ def test_health_endpoints(client, service):
     assert client.get("/health/live").status_code == 200
 
 
+def test_health_is_degraded_when_every_answering_worker_is_hung(client, service, monkeypatch):
+    assert client.get("/health").json["status"] == "ok"
+    hung = {"name": "w@h", "model": "tiny", "device": "cpu", "ready": False,
+            "not_ready_reason": "generation hung: … ran past its deadline of 2 s"}
+    monkeypatch.setattr(service, "workers", lambda: [hung])
+    answer = client.get("/health")
+    assert answer.status_code == 200 and answer.json["status"] == "degraded"
+    assert answer.json["workers"][0]["ready"] is False
+    monkeypatch.setattr(service, "workers", lambda: [hung, {**hung, "name": "w2@h", "ready": True}])
+    assert client.get("/health").json["status"] == "ok"
+
+
 def test_openapi_generated_from_schemas(client):
     doc = client.get("/openapi.json").json
     params = doc["components"]["schemas"]["GenerationParameters"]

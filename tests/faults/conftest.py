@@ -107,6 +107,9 @@ def stack_env(fault_tmp, redis_server, azurite) -> dict[str, str]:
         CALLBACK_SECRET=CALLBACK_SECRET,
         VISIBILITY_TIMEOUT_SECONDS=str(VISIBILITY_TIMEOUT_SECONDS),
         GENERATION_DEADLINE_SECONDS=str(VISIBILITY_TIMEOUT_SECONDS - 5),
+        # The SDK's retries of one upload (waits of 2+2, 2+4, 2+8 s) stay well inside the
+        # visibility timeout; a longer outage is the task's retry, which uploads the kept render.
+        STORAGE_RETRY_TOTAL="3",
         CALLBACK_BACKOFF_SECONDS="1",
         CALLBACK_BACKOFF_MAX_SECONDS="8",
         CALLBACK_CONNECT_TIMEOUT_SECONDS="2",

@@ -7,7 +7,6 @@ cannot generate that fast on a CPU (the watchdog cannot tell a stuck device call
 """
 
 import json
-import time
 import uuid
 
 import requests

@@ -1,5 +1,5 @@
 """The task layer: final state, callback body, sampling overrides (pure); a stem sent on to its
-model's queue (real Redis)."""
+model's queue and an ensemble's kept renders (real Redis, Azurite)."""
 
 import pytest
 
@@ -97,4 +97,44 @@ def test_a_stem_on_a_worker_of_another_model_goes_to_its_models_queue(monkeypatc
     finally:
         stem_tasks.generate_stem.pop_request()
     assert result["status"] == "failed" and "ModelNotHeld" in result["error"]
+    store._redis.flushdb()
+
+
+def test_an_ensemble_whose_unstored_stems_are_kept_uploads_them_without_generating(monkeypatch):
+    """Real Redis and Azurite: one stem stored, the other kept after a failed upload; the retry's
+    results come from the record and the kept render, and no generation is asked for."""
+    import uuid
+
+    import requests
+
+    from tasks import stem_tasks
+    from tasks.jobstore import JobStore
+    from tests.harness import REDIS
+
+    store = JobStore(f"{REDIS}/12", ttl_seconds=60)
+    store._redis.flushdb()
+    settings = load_settings(result_backend=f"{REDIS}/12",
+                             azure_storage_container=f"test-{uuid.uuid4().hex[:12]}")
+    monkeypatch.setattr(stem_tasks, "_generate", lambda *a, **k: pytest.fail("generated again"))
+    request = {"generation_request_id": "gen-1", "audio_file_id": "a",
+               "target_stems": ["guitar", "drums"],
+               "parameters": {"target_bpm": 120.0, "duration_seconds": 4.0, "arrangement": "ensemble"}}
+    job_id = store.create(request, ["guitar", "drums"], None).job_id
+    assert stem_tasks._ensemble_done_or_kept(settings, store, job_id, ["guitar", "drums"]) is None
+    store.update_stem(job_id, "guitar", "completed", 1.0, blob_name=f"{job_id}/guitar.wav",
+                      url="http://stored/guitar.wav", arrangement="ensemble")
+    assert stem_tasks._ensemble_done_or_kept(settings, store, job_id, ["guitar", "drums"]) is None
+    upload = {"blob_name": f"{job_id}/drums.wav", "content_type": "audio/wav",
+              "duration_seconds": 4.0, "metadata": {"stem": "drums"}}
+    assert store.stage_rendered(job_id, "drums", b"RIFF-kept", {
+        "upload": upload, "result": {"stem": "drums", "status": "completed", "bpm": 120.0,
+                                     "arrangement": "ensemble"}}, max_bytes=1024, ttl_seconds=60)
+    results = stem_tasks._ensemble_done_or_kept(settings, store, job_id, ["guitar", "drums"])
+    assert [r["stem"] for r in results] == ["guitar", "drums"]
+    assert all(r["status"] == "completed" for r in results)
+    assert results[0]["url"] == "http://stored/guitar.wav"
+    assert results[1]["blob_name"] == f"{job_id}/drums.wav"
+    assert requests.get(results[1]["url"], timeout=10).content == b"RIFF-kept"
+    assert store.staged_rendered(job_id, "drums") is None
+    assert store.get(job_id)["stems"][1]["status"] == "completed"
     store._redis.flushdb()
