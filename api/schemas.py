@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from stems.plan import PlanError, parse_chord, parse_key
 
@@ -69,6 +69,62 @@ class OutputFormat(BaseModel):
         return 320 if value is None and fmt == "mp3" else value
 
 
+class SourceRegion(BaseModel):
+    """``parameters.source_region``: the part of the user's song the stems are for. Bars are
+    counted as musicians count them: bar 1 starts at the song's first downbeat. Only the shape is
+    checked here; a region past the song's end fails the job (not retried), since the gateway
+    never decodes the song."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    start_bar: Optional[int] = Field(
+        None, ge=1, le=10000, description="First bar of the region (1: the bar that starts at the "
+                                          "song's first downbeat). Not with start_seconds.")
+    start_seconds: Optional[float] = Field(
+        None, ge=0, description="Where the region starts in the song, seconds; snapped to the "
+                                "nearest downbeat. Not with start_bar. Below SOURCE_AUDIO_MAX_SECONDS.")
+    bars: Optional[int] = Field(
+        None, ge=1, le=1024, description="Length of the region in bars; wins over "
+                                         "duration_seconds. Default: duration_seconds in whole bars.")
+
+    @field_validator("start_bar", "bars", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        if isinstance(value, bool):  # JSON true would otherwise pass as 1
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("start_seconds")
+    @classmethod
+    def _within_a_song(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        limit = (info.context or {}).get("source_audio_max_seconds")
+        if value is not None and limit is not None and value >= limit:
+            raise ValueError(f"must be below {limit:g} seconds (SOURCE_AUDIO_MAX_SECONDS: no song "
+                             "is longer)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "SourceRegion":
+        if self.start_bar is not None and self.start_seconds is not None:
+            raise ValueError("give start_bar or start_seconds, not both")
+        return self
+
+
+def _region_within_max(region: SourceRegion, bpm: Optional[float], context: dict) -> None:
+    """A region's length is checked here when the tempo is given (else once the song is analysed).
+
+    Raises:
+        ValueError: longer than MAX_DURATION_SECONDS.
+    """
+    limit = context.get("max_duration_seconds")
+    if limit is None or region.bars is None or bpm is None:
+        return
+    seconds = region.bars * context.get("beats_per_bar", 4) * 60.0 / bpm
+    if seconds > limit:
+        raise ValueError(f"bars: {region.bars} bars at {bpm:g} BPM last {seconds:.1f} s, more than "
+                         f"{limit:g} s (MAX_DURATION_SECONDS)")
+
+
 class GenerationParameters(BaseModel):
     """What to generate. BPM in beats per minute, durations in seconds."""
 
@@ -86,10 +142,20 @@ class GenerationParameters(BaseModel):
     target_bpm: Optional[float] = Field(
         None, ge=40, le=240, validate_default=True,
         description="Tempo of every stem, BPM. Required unless condition_on_audio is set (then it "
-                    "defaults to the source's tempo).")
-    duration_seconds: float = Field(
-        gt=0, description="Requested length, seconds; the stem has the whole number of bars "
-                          "closest to it. At most the configured MAX_DURATION_SECONDS.")
+                    "defaults to the source's tempo; a different one gives stems on a constant "
+                    "grid at this tempo).")
+    source_region: Optional[SourceRegion] = Field(
+        None, description='With condition_on_audio: the bars of the song the stems are for, '
+                          '{"start_bar": n, "bars": m} or {"start_seconds": s} (snapped to the '
+                          "nearest downbeat). Default: from the song's first downbeat.")
+    source_mode: Literal["accompany", "continue"] = Field(
+        "accompany", description='With condition_on_audio: "accompany" plays along with the '
+                                 'region; "continue" continues the bars before it (text models).')
+    duration_seconds: Optional[float] = Field(
+        None, gt=0, validate_default=True,
+        description="Requested length, seconds; the stem has the whole number of bars closest to "
+                    "it. At most the configured MAX_DURATION_SECONDS. Optional when "
+                    "source_region gives bars (which then win).")
     style: Optional[str] = Field(None, max_length=200, description='Genre or mood, e.g. "rock".')
     prompt: Optional[str] = Field(None, max_length=500, description="Free text for the model.")
     key: Optional[str] = Field(
@@ -129,11 +195,31 @@ class GenerationParameters(BaseModel):
 
     @field_validator("duration_seconds")
     @classmethod
-    def _within_configured_max(cls, value: float, info: ValidationInfo) -> float:
+    def _within_configured_max(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value is None:
+            region = info.data.get("source_region", False)  # absent: the region itself is invalid
+            if region is not False and (region is None or region.bars is None):
+                raise ValueError("is required unless parameters.source_region gives bars")
+            return value
         limit = (info.context or {}).get("max_duration_seconds")
         if limit is not None and value > limit:
             raise ValueError(f"must be at most {limit:g} seconds")
         return value
+
+    @field_validator("source_region", "source_mode")
+    @classmethod
+    def _region_with_conditioning(cls, value, info: ValidationInfo):
+        if value not in (None, "accompany") and not info.data.get("condition_on_audio"):
+            raise ValueError("is only used with condition_on_audio: true")
+        if isinstance(value, SourceRegion):
+            _region_within_max(value, info.data.get("target_bpm"), info.context or {})
+        return value
+
+        seconds = region.bars * context.get("beats_per_bar", 4) * 60.0 / self.target_bpm
+        if seconds > limit:
+            raise ValueError(f"source_region.bars: {region.bars} bars at {self.target_bpm:g} BPM "
+                             f"last {seconds:.1f} s, more than {limit:g} s (MAX_DURATION_SECONDS)")
+        return self
 
     @field_validator("key")
     @classmethod
