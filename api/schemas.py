@@ -287,6 +287,43 @@ class TempoReport(BaseModel):
     confidence: float
     method: str
     bars: int
+    grid: Optional[Literal["song-beats", "constant-bpm"]] = Field(
+        None, description='"song-beats": warped onto the song\'s own beat map over the region '
+                          '(song_beats_seconds, from the stem\'s start, are the warp\'s anchors); '
+                          '"constant-bpm": on a constant grid at target_bpm.')
+    song_beats_seconds: Optional[list[float]] = Field(
+        None, description="song-beats only: the song's beats over the region, seconds from the "
+                          "region's first downbeat (the stem's start).")
+
+
+class SourceRegionResult(BaseModel):
+    """Where a stem belongs on the song's timeline (with condition_on_audio)."""
+
+    model_config = ConfigDict(extra="allow")
+    start_bar: int = Field(description="The region's first bar; bar 1 starts at the song's first downbeat.")
+    bars: int
+    start_seconds: float = Field(description="The region's first downbeat in the song, seconds: "
+                                             "drop the stem here and it plays in time.")
+    end_seconds: float = Field(description="The downbeat after the region's last bar, seconds.")
+    first_downbeat_seconds: float = Field(description="The song's first downbeat (bar 1), seconds.")
+    bpm: float = Field(description="The song's mean tempo over the region, BPM.")
+    grid: Literal["song-beats", "constant-bpm"]
+
+
+class ConditioningAudio(BaseModel):
+    """The audio that conditioned a stem's generation, as handed to the model."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["chroma", "continuation"]
+    origin: Optional[str] = Field(None, description='"song-region" (the region\'s '
+                                  'own samples), "song-before-region" (continue) or "plan" (the '
+                                  "plan's chords rendered).")
+    sample_rate: int
+    channels: int
+    samples: int
+    sha256: str = Field(description="SHA-256 of the float32 samples given to the model.")
+    start_sample: Optional[int] = Field(None, description="From the song: its first sample.")
+    end_sample: Optional[int] = Field(None, description="From the song: one past its last sample.")
 
 
 class LoudnessReportModel(BaseModel):
@@ -328,10 +365,16 @@ class StemResult(BaseModel):
                           "SEPARATION_SILENT_STEM_DB relative to the mix); it is kept, not gained up.")
     warnings: Optional[list[str]] = None
     error: Optional[str] = None
+    source_region: Optional[SourceRegionResult] = Field(
+        None, description="With condition_on_audio: where the stem belongs in the song.")
+    conditioning_audio: Optional[ConditioningAudio] = None
 
 
 class MusicalPlanModel(BaseModel):
-    """The request's musical plan (stems.plan.MusicalPlan.to_dict): every stem follows it."""
+    """The request's musical plan (stems.plan.MusicalPlan.to_dict): every stem follows it. With
+    condition_on_audio it also has ``source_audio`` (the song's origin, duration, BPM, key with
+    its confidence, first downbeat, bars) and ``overrides`` (the request's key, chords and
+    target_bpm that replace the song's, each with the song's own)."""
 
     model_config = ConfigDict(extra="allow")
     key: str = Field(description='e.g. "A minor"')
@@ -342,7 +385,7 @@ class MusicalPlanModel(BaseModel):
     time_signature: str
     progression: list[str] = Field(description="The chord cycle.")
     chords: list[str] = Field(description="One chord per bar.")
-    source: str = Field(description="Where key and chords came from.")
+    source: str = Field(description='Where key and chords came from ("source-audio": the song).')
 
 
 class CallbackState(BaseModel):

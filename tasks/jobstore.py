@@ -615,6 +615,36 @@ class JobStore:
             1, self._job_key(job_id), json.dumps(plan, separators=(",", ":")))
         return json.loads(stored)
 
+    @staticmethod
+    def _excerpt_key(job_id: str) -> str:
+        return f"{_PREFIX}:source-excerpt:{job_id}"
+
+    def record_source(self, job_id: str, source: dict, plan: dict | None,
+                      excerpt: bytes | None = None) -> dict:
+        """Record the job's analysed song once (tasks.song_source): its source record, the plan
+        made from it (replacing one made at submission, which it extends) and the conditioning
+        excerpt (kept as long as the job). The first record wins; returns the recorded one."""
+        stored = self._redis.eval(
+            "if redis.call('HSETNX', KEYS[1], 'source', ARGV[1]) == 1 then"
+            "  if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'plan', ARGV[2]) end"
+            "  if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end "
+            "end return redis.call('HGET', KEYS[1], 'source')",
+            2, self._job_key(job_id), self._excerpt_key(job_id),
+            json.dumps(source, separators=(",", ":")),
+            json.dumps(plan, separators=(",", ":")) if plan is not None else "",
+            base64.b64encode(excerpt).decode() if excerpt else "", self.ttl)
+        return json.loads(stored)
+
+    def source_of(self, job_id: str) -> dict | None:
+        """The job's recorded source (``record_source``), or None before its analysis."""
+        raw = self._redis.hget(self._job_key(job_id), "source")
+        return json.loads(raw) if raw else None
+
+    def source_excerpt(self, job_id: str) -> bytes | None:
+        """The job's conditioning excerpt (``record_source``), or None."""
+        raw = self._redis.get(self._excerpt_key(job_id))
+        return base64.b64decode(raw) if raw else None
+
     def finish(self, job_id: str, state: str, callback_payload: dict) -> bool:
         """Record the job's final state and the callback body that reports it, once: returns
         False (and changes nothing) when the job was already finished or does not exist.
