@@ -307,13 +307,20 @@ def _track_beats(mono: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class _Frames:
+    treble: np.ndarray   # [12, frames] CQT chroma, _TREBLE_MIN_HZ.._TREBLE_MAX_HZ
+    bass: np.ndarray     # [12, frames] below _BASS_MAX_HZ
+    rms: np.ndarray      # [frames]
+
+
+@dataclass(frozen=True)
 class _Chroma:
-    treble: np.ndarray   # [12, beats]: per inter-beat span, log-compressed
+    treble: np.ndarray   # [12, beats]: mean per inter-beat span
     bass: np.ndarray     # [12, beats]
     energy: np.ndarray   # [beats] RMS of the span
 
 
-def _beat_chroma(mono: np.ndarray, beats: np.ndarray, duration: float) -> _Chroma:
+def _frame_chroma(mono: np.ndarray) -> _Frames:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Trying to estimate tuning from empty frequency set")
         tuning = float(librosa.estimate_tuning(y=mono, sr=_SR, bins_per_octave=_BINS_PER_OCTAVE))
@@ -323,21 +330,27 @@ def _beat_chroma(mono: np.ndarray, beats: np.ndarray, duration: float) -> _Chrom
     pc = (np.round(np.arange(C.shape[0]) / (_BINS_PER_OCTAVE / 12)).astype(int)) % 12
     fold = np.zeros((12, C.shape[0]))
     fold[pc, np.arange(C.shape[0])] = 1.0
-    bass_rows = freqs < _BASS_MAX_HZ
-    treble_rows = (freqs >= _TREBLE_MIN_HZ) & (freqs < _TREBLE_MAX_HZ)
-    bass = (fold * bass_rows) @ C
-    treble = (fold * treble_rows) @ C
-    bounds = np.concatenate((beats, [min(duration, beats[-1] + (beats[-1] - beats[-2]))]))
-    frames = np.clip(np.round(bounds * _SR / _HOP).astype(int), 0, C.shape[1])
-    frame_rms = librosa.feature.rms(y=mono, frame_length=2 * _HOP, hop_length=_HOP)[0]
+    bass = (fold * (freqs < _BASS_MAX_HZ)) @ C
+    treble = (fold * ((freqs >= _TREBLE_MIN_HZ) & (freqs < _TREBLE_MAX_HZ))) @ C
+    rms = librosa.feature.rms(y=mono, frame_length=2 * _HOP, hop_length=_HOP)[0]
+    n = min(C.shape[1], len(rms))
+    return _Frames(treble=treble[:, :n], bass=bass[:, :n], rms=rms[:n])
+
+
+def _beat_chroma(frames: _Frames, beats: np.ndarray, duration: float) -> _Chroma:
+    """Mean chroma per inter-beat span (the last span one period long), leaving out the first
+    10 % of each span, where the previous chord's tail rings."""
+    n = frames.treble.shape[1]
+    period = beats[-1] - beats[-2] if len(beats) > 1 else 0.5
+    bounds = np.concatenate((beats, [min(duration, beats[-1] + period)]))
+    idx = np.clip(np.round(bounds * _SR / _HOP).astype(int), 0, n)
     tb, bb, en = [], [], []
-    for a, b in zip(frames[:-1], frames[1:]):
-        # leave the attack out: the first 10 % of the beat holds the previous chord's tail
-        a2 = a + max(0, (b - a) // 10)
-        b = max(b, a2 + 1)
-        tb.append(treble[:, a2:b].mean(axis=1) if b <= treble.shape[1] else np.zeros(12))
-        bb.append(bass[:, a2:b].mean(axis=1) if b <= bass.shape[1] else np.zeros(12))
-        en.append(float(frame_rms[min(a2, len(frame_rms) - 1):max(b, a2 + 1)].mean()) if a2 < len(frame_rms) else 0.0)
+    for a, b in zip(idx[:-1], idx[1:]):
+        a2 = min(a + max(0, (b - a) // 10), n - 1)
+        b = min(max(b, a2 + 1), n)
+        tb.append(frames.treble[:, a2:b].mean(axis=1))
+        bb.append(frames.bass[:, a2:b].mean(axis=1))
+        en.append(float(frames.rms[a2:b].mean()))
     return _Chroma(treble=np.stack(tb, axis=1), bass=np.stack(bb, axis=1), energy=np.asarray(en))
 
 
@@ -430,31 +443,50 @@ def _bar_chords(chroma: _Chroma, downbeat_index: int, n_bars: int, beats: np.nda
 # ------------------------------------------------------------------------------ downbeats
 
 
-def _downbeat_phase(chroma: _Chroma, beats: np.ndarray, onset: np.ndarray) -> int:
-    """Bar phase 0..3 of the downbeats: where chord and bass changes and low onsets fall."""
+def _bar_fit(chroma: _Chroma, phase: int) -> float:
+    """Mean over the bars that start at ``phase`` of the best chord template's score for the
+    bar's summed chroma: highest when the bars line up with the chord changes."""
     n = chroma.treble.shape[1]
-    if n < 2 * BEATS_PER_BAR:
-        return 0
+    scores = [_chord_scores(chroma.treble[:, b:b + BEATS_PER_BAR].sum(axis=1),
+                            chroma.bass[:, b:b + BEATS_PER_BAR].sum(axis=1)).max()
+              for b in range(phase, n - BEATS_PER_BAR + 1, BEATS_PER_BAR)
+              if chroma.energy[b:b + BEATS_PER_BAR].min() > 0]
+    return float(np.mean(scores)) if scores else 0.0
 
-    def novelty(c: np.ndarray) -> np.ndarray:
-        x = c / np.maximum(np.linalg.norm(c, axis=0, keepdims=True), 1e-12)
-        nov = np.zeros(n)
-        nov[1:] = 1.0 - np.sum(x[:, 1:] * x[:, :-1], axis=0)
-        return nov
 
-    harm = novelty(chroma.treble)
-    bass = novelty(chroma.bass)
+def _onset_contrast(beats: np.ndarray, onset: np.ndarray, phase: int) -> float:
+    """Low-band onset strength on beats ``phase::4`` against the other beats (relative)."""
     f = np.clip(np.round(beats * _SR / _HOP).astype(int), 0, len(onset) - 1)
-    strength = np.array([onset[max(0, i - 2): i + 3].max() for i in f])
-    scores = []
-    for p in range(BEATS_PER_BAR):
-        sel = np.arange(p, n, BEATS_PER_BAR)
-        other = np.setdiff1d(np.arange(n), sel)
-        s = (harm[sel].mean() - harm[other].mean()) / (harm.mean() + 1e-9)
-        s += (bass[sel].mean() - bass[other].mean()) / (bass.mean() + 1e-9)
-        s += 0.5 * (strength[sel].mean() - strength[other].mean()) / (strength.mean() + 1e-9)
-        scores.append(s)
-    return int(np.argmax(scores))
+    strength = np.array([onset[max(0, i - 1): i + 2].max() for i in f])
+    sel = np.zeros(len(beats), dtype=bool)
+    sel[phase::BEATS_PER_BAR] = True
+    if sel.all() or not sel.any() or strength.mean() <= 0:
+        return 0.0
+    return float((strength[sel].mean() - strength[~sel].mean()) / strength.mean())
+
+
+def _bar_grid(frames: _Frames, beats: np.ndarray, duration: float, onset: np.ndarray
+              ) -> tuple[np.ndarray, _Chroma, int]:
+    """Choose the beat grid and the bar phase: (beats, their chroma, index of the first downbeat).
+
+    A beat tracker may lock onto the off-beat eighths (arpeggios, syncopated bass lines without
+    drums), so the tracked beats and the grid half a beat later both compete; for each, every bar
+    phase is scored by how well chord templates fit its bars (harmony changes on bar lines), with
+    low-band onsets on beat 1 as a small tie-breaker."""
+    half = 0.5 * (beats[1:] + beats[:-1])
+    if len(beats) > 1 and beats[0] - 0.5 * (beats[1] - beats[0]) >= 0:
+        half = np.concatenate(([beats[0] - 0.5 * (beats[1] - beats[0])], half))
+    best = None
+    for grid in (beats, half):
+        if len(grid) < 2:
+            continue
+        chroma = _beat_chroma(frames, grid, duration)
+        for phase in range(min(BEATS_PER_BAR, len(grid))):
+            score = _bar_fit(chroma, phase) + 0.005 * _onset_contrast(grid, onset, phase)
+            if best is None or score > best[0]:
+                best = (score, grid, chroma, phase)
+    _, grid, chroma, phase = best
+    return grid, chroma, phase
 
 
 # ------------------------------------------------------------------------------ key
@@ -527,9 +559,9 @@ def analyse_song(audio: np.ndarray, sample_rate: int) -> SongAnalysis:
     if float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < _SILENCE_RMS:
         raise SongAnalysisError("the song is silent (RMS below -80 dBFS)")
     beats = _track_beats(mono)
-    chroma = _beat_chroma(mono, beats, duration)
+    frames = _frame_chroma(mono)
     onset = librosa.onset.onset_strength(y=mono, sr=_SR, hop_length=_HOP, n_mels=16, fmax=300.0)
-    phase = _downbeat_phase(chroma, beats, onset)
+    beats, chroma, phase = _bar_grid(frames, beats, duration, onset)
     downbeat_beats = np.arange(phase, len(beats), BEATS_PER_BAR)
     # a bar counts when its downbeat has at least 3 of its beats in the song
     downbeats = [float(beats[i]) for i in downbeat_beats if i + BEATS_PER_BAR - 1 < len(beats)]
