@@ -640,6 +640,10 @@ class JobStore:
         raw = self._redis.hget(self._job_key(job_id), "source")
         return json.loads(raw) if raw else None
 
+    def drop_source_excerpt(self, job_id: str) -> None:
+        """Forget the job's conditioning excerpt (the job is finished: no stem needs it)."""
+        self._redis.delete(self._excerpt_key(job_id))
+
     def source_excerpt(self, job_id: str) -> bytes | None:
         """The job's conditioning excerpt (``record_source``), or None."""
         raw = self._redis.get(self._excerpt_key(job_id))

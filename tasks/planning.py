@@ -74,7 +74,7 @@ def make_job_plan(request: dict, beats_per_bar: int, song: dict | None = None) -
     if bpm is None:
         if song is None:
             raise ValueError("target_bpm is required without source audio")
-        bpm = song["region"]["bpm"]
+        bpm = round(song["region"]["bpm"], 2)
     key, chords = parameters.get("key"), parameters.get("chords")
     from_song = []
     if song is not None:

@@ -56,7 +56,7 @@ def _bar_seconds_at(bpm: float, beats_per_bar: int) -> float:
 
 def region_bars(parameters: dict, bpm: float, beats_per_bar: int) -> int:
     """Bars of the region: ``source_region.bars``, else ``duration_seconds`` in whole bars at
-    ``bpm`` (BPM), at least one."""
+    ``bpm`` (BPM: the stems' tempo), at least one."""
     region = parameters.get("source_region") or {}
     if region.get("bars"):
         return int(region["bars"])
@@ -112,7 +112,8 @@ def resolve_region(analysis: SongAnalysis, parameters: dict, settings) -> dict:
     first = start_bar(analysis, asked)
     field = ("parameters.source_region.start_seconds" if asked.get("start_seconds") is not None
              else "parameters.source_region.start_bar")
-    bars = region_bars(parameters, analysis.bpm, beats_per_bar)
+    # duration_seconds is the stem's length: in bars at the stems' tempo (target_bpm, else the song's)
+    bars = region_bars(parameters, float(parameters.get("target_bpm") or analysis.bpm), beats_per_bar)
     count = analysis.bar_count
     if asked.get("start_seconds") is not None and asked["start_seconds"] > analysis.duration_seconds:
         raise SongRegionError(f"{asked['start_seconds']:g} s is past the song's end "

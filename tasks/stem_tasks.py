@@ -421,7 +421,9 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     failed generation: the failure is the result, so the chord's finalize always runs).
 
     The prompt carries the plan's key and chords; a melody model is conditioned on the plan's
-    chords or the source audio, a text model continues the source (tasks.planning).
+    chords or the song's region, and with ``source_mode: "continue"`` every model continues the
+    bars before the region (tasks.planning). With a song the stem is warped onto its beat map
+    over the region, or conformed to a constant grid at another target_bpm (``_conform``).
     Retried (Celery ``self.retry``, exponential backoff) only when storage is unreachable.
     """
     settings = self.app.stemgen_settings
@@ -618,6 +620,7 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
         log.info("job %s was already finished; keeping its first result", job_id)
     else:
         log.info("job %s finished: %s", job_id, state)
+    jobs.drop_source_excerpt(job_id)  # the song's samples were for the stems only
     job = jobs.get(job_id)
     if job["callback"]["url"] and not job["delivery_enqueued"]:
         deliver_callback.delay(job_id)

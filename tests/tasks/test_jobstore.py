@@ -100,7 +100,9 @@ def test_the_songs_analysis_is_recorded_once_with_its_plan_and_excerpt(store):
     assert again == first == store.source_of(job_id)
     assert store.get(job_id)["plan"] == {"key": "A minor", "bpm": 120.0, "source_audio": {"bpm": 119.8}}
     assert store.source_excerpt(job_id) == b"\x00\x01flac"
-    assert 0 < store._redis.ttl(store._excerpt_key(job_id)) <= 60  # kept as long as the job
+    assert 0 < store._redis.ttl(store._excerpt_key(job_id)) <= 60  # at most as long as the job
+    store.drop_source_excerpt(job_id)  # the job finished
+    assert store.source_excerpt(job_id) is None and store.source_of(job_id) == first
     # a failed analysis records its error and leaves the plan as it was
     other = store.create(req("gen-2"), ["bass"], None).job_id
     assert store.record_source(other, {"error": "no source audio"}, None) == {"error": "no source audio"}

@@ -95,6 +95,9 @@ def test_another_tempo_is_a_constant_grid(source, settings):
     near, _ = song_source.analyse(source, request(target_bpm=120.5, source_region={"bars": 2}),
                                   settings)
     assert near["grid"] == "song-beats"  # within SAME_TEMPO_TOLERANCE: the song's own beats
+    # duration_seconds is the stems' length: whole bars at their tempo (4 s bars at 60 BPM)
+    slow, _ = song_source.analyse(source, request(target_bpm=60, duration_seconds=8.0), settings)
+    assert slow["region"]["bars"] == 2
 
 
 @pytest.mark.parametrize("parameters, field, words", [
