@@ -132,10 +132,11 @@ class GenerationParameters(BaseModel):
 
     # Before target_bpm and key: their validators read it (they may come from the source audio).
     condition_on_audio: bool = Field(
-        False, description="Fit the stems to the user's song: fetch the source audio "
-                           "(audio_file_id in the source container, or source_audio_url), take its "
-                           "tempo and key when target_bpm / key are not given, and condition "
-                           "generation on it (chromagram with a melody model, else continuation).")
+        False, description="Stems that play along with the user's song: the source audio "
+                           "(audio_file_id in the source container, or source_audio_url) is "
+                           "analysed once; the plan is its tempo, key and the chords of "
+                           "source_region's bars (target_bpm, key, chords override); stems are "
+                           "warped onto its beat map and say where they belong (source_region).")
     source_audio_url: Optional[AnyHttpUrl] = Field(
         None, description="http(s) URL (e.g. a read SAS) of the source audio; used instead of "
                           "audio_file_id with condition_on_audio. Checked like callback_url.")
