@@ -29,7 +29,7 @@ import io
 import numpy as np
 import soundfile as sf
 
-from stems.plan import PlanError, parse_chord
+from stems.plan import PlanError, bars_for, parse_chord
 from stems.song import RegionError, SongAnalysis, analyse_song
 from tasks.source_audio import SourceAudio, SourceAudioError
 
@@ -50,18 +50,13 @@ class SongRegionError(SourceAudioError):
         self.field = field
 
 
-def _bar_seconds_at(bpm: float, beats_per_bar: int) -> float:
-    return beats_per_bar * 60.0 / bpm
-
-
 def region_bars(parameters: dict, bpm: float, beats_per_bar: int) -> int:
     """Bars of the region: ``source_region.bars``, else ``duration_seconds`` in whole bars at
     ``bpm`` (BPM: the stems' tempo), at least one."""
     region = parameters.get("source_region") or {}
     if region.get("bars"):
         return int(region["bars"])
-    seconds = float(parameters["duration_seconds"])
-    return max(1, int(np.floor(seconds / _bar_seconds_at(bpm, beats_per_bar) + 0.5)))
+    return bars_for(float(parameters["duration_seconds"]), bpm, beats_per_bar)
 
 
 def start_bar(analysis: SongAnalysis, region: dict) -> int:
