@@ -283,10 +283,12 @@ def _vs_song(rendered, plan: MusicalPlan, song: dict, analysis: dict) -> dict:
 
 
 def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str, rendered,
-                plan: MusicalPlan, song: dict | None = None, **extra) -> dict:
-    """Upload a rendered stem, analyse it against the plan, record it completed; its result.
-    The blob's extension and content type, and the result's format fields, are the rendered
-    file's (parameters.output)."""
+                plan: MusicalPlan, song: dict | None = None, anchors: np.ndarray | None = None,
+                **extra) -> dict:
+    """Upload a rendered stem, analyse it against the plan (and the song), record it completed;
+    its result. The blob's extension and content type, and the result's format fields, are the
+    rendered file's (parameters.output). ``anchors``: the beat map the stem was warped onto
+    (seconds from its start), reported as ``tempo.song_beats_seconds``."""
     blob_name = blob_name_for(request["generation_request_id"], stem, rendered.extension)
     stored = store_from_settings(settings).upload(
         blob_name, rendered.data, content_type=rendered.content_type,
@@ -306,10 +308,8 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
               **metadata, "analysis": analysis}
     if song is not None:
         result["source_region"] = song_source.result_region(song)
-        if song["grid"] == song_source.GRID_SONG and isinstance(result.get("tempo"), dict):
-            # the warp's anchors: the song's beat map over the region, from the stem's start
-            beats = song["region"]["beats"]
-            result["tempo"]["song_beats_seconds"] = [round(t - beats[0], 6) for t in beats]
+        if anchors is not None and isinstance(result.get("tempo"), dict):
+            result["tempo"]["song_beats_seconds"] = [round(float(t), 6) for t in anchors]
     if warnings or "silent" in extra:  # (an ensemble stem always lists its warnings)
         result["warnings"] = warnings
     details = {k: v for k, v in result.items() if k not in ("stem", "status")}
@@ -362,20 +362,21 @@ def _stem_seconds(parameters: dict, plan: MusicalPlan, song: dict | None) -> flo
     return plan.bars * plan.bar_seconds()
 
 
-def _conform(made: "_Generation", parameters: dict, settings):
-    """The generation on the job's grid (stems.tempo.ConformResult): warped onto the song's beat
-    map over the region (stems.warping.conform_to_beats, beats relative to the region's first
-    downbeat) or conformed to the plan's BPM in whole bars (stems.render.conform_clip)."""
+def _conform(made: "_Generation", parameters: dict, settings) -> tuple:
+    """The generation on the job's grid: (stems.warping.ConformResult, the beat map it was warped
+    onto or None). On the song's beats: warped onto its beat map over the region
+    (stems.warping.conform_to_beats, beats in seconds from the region's first downbeat);
+    otherwise conformed to the plan's BPM in whole bars (stems.render.conform_clip)."""
     loop = bool(parameters.get("loop", False))
     song = made.song
     if song is not None and song["grid"] == song_source.GRID_SONG:
         region = song["region"]
-        beats = np.asarray(region["beats"], dtype=np.float64) - region["beats"][0]
-        return conform_to_beats(made.audio, made.sample_rate, beats, bars=region["bars"],
-                                loop=loop, beats_per_bar=settings.beats_per_bar)
+        anchors = np.asarray(region["beats"], dtype=np.float64) - region["beats"][0]
+        return conform_to_beats(made.audio, made.sample_rate, anchors, bars=region["bars"],
+                                loop=loop, beats_per_bar=settings.beats_per_bar), anchors
     return conform_clip(made.audio, made.sample_rate, bpm=made.plan.bpm,
                         duration_seconds=_stem_seconds(parameters, made.plan, song),
-                        beats_per_bar=settings.beats_per_bar, loop=loop)
+                        beats_per_bar=settings.beats_per_bar, loop=loop), None
 
 
 def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[str], *,
@@ -441,14 +442,14 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
                              progress=reporter)
         except GenerationCancelled:
             return _cancelled(jobs, job_id, stem, max(reporter.last, 0.0))
-        conformed = _conform(made, parameters, settings)
+        conformed, anchors = _conform(made, parameters, settings)
         rendered = finish_stem(conformed.audio, made.sample_rate, conformed.analysis,
                                target_lufs=settings.target_lufs,
                                max_true_peak_dbtp=settings.max_true_peak_dbtp, output=output,
                                loop=bool(parameters.get("loop", False)))
         jobs.update_stem(job_id, stem, "running", 0.95)
         return _store_stem(settings, jobs, job_id, request, stem, rendered, made.plan, made.song,
-                           device=made.device, prompt=made.prompt, conditioning=made.conditioning,
+                           anchors, device=made.device, prompt=made.prompt, conditioning=made.conditioning,
                            **_generation_extra(made))
     except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
         retry = _retry_later(self, settings, exc, f"{job_id}/{stem}")
@@ -509,7 +510,7 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
         except GenerationCancelled:
             return [_cancelled(jobs, job_id, stem) for stem in stems]
         rate = made.sample_rate
-        conformed = _conform(made, parameters, settings)
+        conformed, anchors = _conform(made, parameters, settings)
         started = time.perf_counter()
         separator = get_separator(settings)
         parts = separator.separate(conformed.audio, rate, stems)
@@ -526,7 +527,7 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
             warnings = ([f"nearly silent after separation: {level_db:.1f} dB relative to the mix "
                          f"(threshold {settings.separation_silent_stem_db:g} dB)"] if silent else [])
             results[stem] = _store_stem(
-                settings, jobs, job_id, request, stem, rendered, made.plan, made.song,
+                settings, jobs, job_id, request, stem, rendered, made.plan, made.song, anchors,
                 device=made.device, prompt=made.prompt, arrangement="ensemble",
                 conditioning=made.conditioning, **_generation_extra(made),
                 separation={"model": settings.separation_model, "level_db": round(level_db, 2),
