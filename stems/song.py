@@ -8,23 +8,31 @@
   programming beat tracking, Ellis 2007, via ``librosa.beat.beat_track``, each beat refined to its
   attack and smoothed), extended at both ends over the part of the song that sounds. The beat
   times follow the song's drift: they are the song's tempo map.
-- **downbeats** (bar phase): the phase of 4 that gives the strongest evidence of bar lines: chord
-  changes and bass-note changes on beat 1 (harmony changes on the bar line), bass and kick onsets
-  on beat 1 against snare onsets on 2 and 4, and the chord templates fitting better bar by bar than
-  across bar lines.
+- **downbeats** (bar phase) and the beat grid: harmony changes on bar lines, so of the tracked beats
+  and the grid half a beat later (a tracker on arpeggios or syncopated bass without drums may lock
+  onto the off-beat eighths), and of the 4 bar phases of each, the one whose bars chord templates fit
+  best wins, low-band onsets on beat 1 breaking ties; where the chords then change only every other
+  "bar" (tracked at 150 BPM or more), the beats were eighth notes and every other one is kept;
+  where they change in the middle of most bars (tracked below 75 BPM), the beats were half notes and
+  the beats between them are added. The beat map is then smoothed by
+  robust local regression over +-8 beats.
 - **chords**: beat-synchronous chroma from a constant-Q transform (``librosa.cqt``, tuning
   estimated by ``librosa.estimate_tuning``), split into a bass chroma (below ~220 Hz) and a
   treble chroma, matched per bar and per half bar against templates of major, minor, dominant
   seventh, major seventh and minor seventh chords (template matching, Fujishima 1999, "Realtime
   chord recognition of musical sound", ICMC), the bass note adding evidence for the root; silence
   is "N". A bar is split into two half-bar chords only where the halves differ clearly.
-- **key**: from the chords and the bass, as harmonic analysis does it: the share of the song's
-  chords diatonic to each key (the minor key's raised leading tone and major dominant allowed), and
-  the tonic from where the music resolves: authentic cadences (V or V7 to I, the leading tone
-  rising to the tonic), the chords that end phrases (every 4th bar and the last), the bass on the
-  tonic there, and the tonic chord's share of the song; a Krumhansl-Kessler profile correlation
-  (``stems.analysis``) only breaks near-ties. This tells relative major and minor apart, which
-  share every note.
+- **key**: from the chords (whose roots the bass decides), as harmonic analysis does it: the share
+  of the song's chord tones diatonic to each key (for a minor key its raised leading tone too, so
+  its major V fits), and the tonic from where the music resolves: authentic cadences (a major V or
+  V7 to I, the leading tone rising to the tonic), the chords that start and end the 4-bar phrases,
+  the last chord, the tonic chord's share of the song; a Krumhansl-Kessler profile correlation of
+  the chroma weighs little (``KEY_WEIGHTS``). This tells relative major and minor apart, which
+  share every note. The confidence is the lead over the runner-up key, 0.3 for full confidence.
+
+Libraries: librosa (ISC licence) for the onset envelope, beat tracking, CQT and tuning; no
+model is loaded and nothing downloads (madmom's downbeat models are CC BY-NC-SA, so not used).
+The figures are in docs/benchmarks.md (``make bench-song``, scored with mir_eval, MIT).
 
 Pure compute: numpy, librosa, soxr. Times are seconds in the song; audio is float
 ``[channels, samples]`` (or ``[samples]``).
@@ -41,7 +49,7 @@ import numpy as np
 import soxr
 
 from stems.analysis import KRUMHANSL_KESSLER_MAJOR, KRUMHANSL_KESSLER_MINOR
-from stems.beats import analyse_beats
+from stems.beats import _smooth_beats, analyse_beats
 from stems.plan import CHORD_INTERVALS, PITCH_CLASSES, Key, parse_chord
 
 __all__ = [
@@ -66,6 +74,10 @@ _BASS_MAX_HZ = 220.0
 _TREBLE_MIN_HZ = 110.0
 _TREBLE_MAX_HZ = 2000.0
 _MIN_SECONDS = 2.0
+_DOUBLE_MIN_BPM = 150.0   # a tracked tempo this fast may be eighth notes (see _changes_in_pairs)
+_HALF_MAX_BPM = 75.0      # a tracked tempo this slow may be half notes (see _changes_mid_bar)
+_GRID_SKIP = 0.25         # share of each beat left out when choosing the beat grid and bar phase
+_SMOOTH_BEATS = 8          # beats on each side in the beat map's robust local regression
 _MAX_CHANNELS = 16
 _SILENCE_RMS = 1e-4        # -80 dBFS
 _QUALITIES = ("maj", "min", "7", "maj7", "min7")
@@ -281,6 +293,10 @@ def _track_beats(mono: np.ndarray) -> np.ndarray:
     found = analyse_beats(mono, _SR, rough, BEATS_PER_BAR)
     if found is not None and len(found.times) >= 4:
         times = np.asarray(found.times, dtype=float)
+        if len(times) >= 2 * _SMOOTH_BEATS + 1:
+            # a played song's tempo changes slowly: the attack times of tonal material scatter
+            # by +-20 ms around the beat, which a wider robust fit averages out
+            times = _smooth_beats(times, half_width=_SMOOTH_BEATS)[0]
     else:
         _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=_SR, hop_length=_HOP, bpm=rough, trim=False)
         times = librosa.frames_to_time(np.asarray(frames), sr=_SR, hop_length=_HOP)
@@ -337,16 +353,16 @@ def _frame_chroma(mono: np.ndarray) -> _Frames:
     return _Frames(treble=treble[:, :n], bass=bass[:, :n], rms=rms[:n])
 
 
-def _beat_chroma(frames: _Frames, beats: np.ndarray, duration: float) -> _Chroma:
+def _beat_chroma(frames: _Frames, beats: np.ndarray, duration: float, skip: float = 0.1) -> _Chroma:
     """Mean chroma per inter-beat span (the last span one period long), leaving out the first
-    10 % of each span, where the previous chord's tail rings."""
+    ``skip`` of each span, where the previous chord's tail rings."""
     n = frames.treble.shape[1]
     period = beats[-1] - beats[-2] if len(beats) > 1 else 0.5
     bounds = np.concatenate((beats, [min(duration, beats[-1] + period)]))
     idx = np.clip(np.round(bounds * _SR / _HOP).astype(int), 0, n)
     tb, bb, en = [], [], []
     for a, b in zip(idx[:-1], idx[1:]):
-        a2 = min(a + max(0, (b - a) // 10), n - 1)
+        a2 = min(a + int(skip * (b - a)), n - 1)
         b = min(max(b, a2 + 1), n)
         tb.append(frames.treble[:, a2:b].mean(axis=1))
         bb.append(frames.bass[:, a2:b].mean(axis=1))
@@ -370,6 +386,7 @@ def _templates() -> tuple[np.ndarray, list[tuple[int, str]]]:
 
 
 _TEMPLATES, _LABELS = _templates()
+_TRIADS = np.array([q in ("maj", "min") for _, q in _LABELS])
 _TRIAD_OF = {"maj": "maj", "min": "min", "7": "maj", "maj7": "maj", "min7": "min"}
 
 
@@ -444,11 +461,12 @@ def _bar_chords(chroma: _Chroma, downbeat_index: int, n_bars: int, beats: np.nda
 
 
 def _bar_fit(chroma: _Chroma, phase: int) -> float:
-    """Mean over the bars that start at ``phase`` of the best chord template's score for the
-    bar's summed chroma: highest when the bars line up with the chord changes."""
+    """Mean over the bars that start at ``phase`` of the best triad template's score for the
+    bar's summed chroma: highest when the bars line up with the chord changes. Triads only: two
+    half bars of neighbouring chords often make a seventh chord (Am + F = Fmaj7)."""
     n = chroma.treble.shape[1]
     scores = [_chord_scores(chroma.treble[:, b:b + BEATS_PER_BAR].sum(axis=1),
-                            chroma.bass[:, b:b + BEATS_PER_BAR].sum(axis=1)).max()
+                            chroma.bass[:, b:b + BEATS_PER_BAR].sum(axis=1))[_TRIADS].max()
               for b in range(phase, n - BEATS_PER_BAR + 1, BEATS_PER_BAR)
               if chroma.energy[b:b + BEATS_PER_BAR].min() > 0]
     return float(np.mean(scores)) if scores else 0.0
@@ -480,13 +498,44 @@ def _bar_grid(frames: _Frames, beats: np.ndarray, duration: float, onset: np.nda
     for grid in (beats, half):
         if len(grid) < 2:
             continue
-        chroma = _beat_chroma(frames, grid, duration)
+        # the fit leaves out the first quarter of every beat: a plucked chord rings on past the
+        # change, which would otherwise favour grids that start late
+        chroma = _beat_chroma(frames, grid, duration, skip=_GRID_SKIP)
         for phase in range(min(BEATS_PER_BAR, len(grid))):
             score = _bar_fit(chroma, phase) + 0.005 * _onset_contrast(grid, onset, phase)
             if best is None or score > best[0]:
-                best = (score, grid, chroma, phase)
-    _, grid, chroma, phase = best
-    return grid, chroma, phase
+                best = (score, grid, phase)
+    _, grid, phase = best
+    return grid, _beat_chroma(frames, grid, duration), phase
+
+
+def _changes_mid_bar(chroma: _Chroma, phase: int) -> bool:
+    """Whether the chords change in the middle of most bars: the beats are half notes (a tracker
+    on syncopated material may halve the tempo)."""
+    n = chroma.treble.shape[1]
+    half = BEATS_PER_BAR // 2
+    changes = []
+    for b in range(phase, n - BEATS_PER_BAR + 1, BEATS_PER_BAR):
+        first = _chord_scores(chroma.treble[:, b:b + half].sum(axis=1), chroma.bass[:, b:b + half].sum(axis=1))
+        second = _chord_scores(chroma.treble[:, b + half:b + BEATS_PER_BAR].sum(axis=1),
+                               chroma.bass[:, b + half:b + BEATS_PER_BAR].sum(axis=1))
+        changes.append(int(np.argmax(np.where(_TRIADS, first, -np.inf)))
+                       != int(np.argmax(np.where(_TRIADS, second, -np.inf))))
+    return len(changes) >= 3 and float(np.mean(changes)) >= 0.6
+
+
+def _changes_in_pairs(chroma: _Chroma, phase: int) -> bool:
+    """Whether the bars' chords change only every other bar: the beats are eighth notes (a
+    tracker on arpeggiated or syncopated material without drums doubles the tempo)."""
+    n = chroma.treble.shape[1]
+    labels = [int(np.argmax(_chord_scores(chroma.treble[:, b:b + BEATS_PER_BAR].sum(axis=1),
+                                          chroma.bass[:, b:b + BEATS_PER_BAR].sum(axis=1))))
+              for b in range(phase, n - BEATS_PER_BAR + 1, BEATS_PER_BAR)]
+    changes = np.array([labels[k] != labels[k - 1] for k in range(1, len(labels))], dtype=float)
+    if len(changes) < 6:
+        return False
+    rates = sorted((changes[0::2].mean(), changes[1::2].mean()))
+    return rates[1] >= 0.4 and rates[0] <= 0.25 * rates[1]
 
 
 # ------------------------------------------------------------------------------ key
@@ -494,45 +543,71 @@ def _bar_grid(frames: _Frames, beats: np.ndarray, duration: float, onset: np.nda
 _KEYS = tuple(Key(tonic, mode) for mode in ("major", "minor") for tonic in range(12))
 
 
-def _key_scores(spans: list[ChordSpan], bar_bass: list[np.ndarray], profile: np.ndarray) -> np.ndarray:
-    """Score of each key in _KEYS from the chord spans and per-bar bass chroma (see module doc)."""
-    chords = [(parse_chord(c.chord), c.end_seconds - c.start_seconds, c.confidence)
-              for c in spans if c.chord != "N"]
-    if not chords:
-        return np.zeros(len(_KEYS))
-    total = sum(d for _, d, _ in chords)
-    # phrase ends: the last chord of every 4th bar and of the song
-    bar_last: list[tuple[int, str]] = []
+#: weights of the key evidence (see _key_scores); tuned on make bench-song's seed 0
+KEY_WEIGHTS = {"fit": 3.0, "share": 0.5, "cadence": 1.5, "phrase_end": 0.4, "phrase_start": 1.0,
+               "last": 0.4, "profile": 0.3}
+_PHRASE_BARS = 4
+
+
+def _bars_of(spans: list[ChordSpan], downbeats: tuple[float, ...]) -> list[list]:
+    """Per bar, its chords (one, or two where it changes mid-bar), parsed; None for "N"."""
+    bars: list[list] = [[] for _ in downbeats]
+    starts = np.asarray(downbeats)
+    for span in spans:
+        b = int(np.searchsorted(starts, span.start_seconds + 1e-3)) - 1
+        if 0 <= b < len(bars):
+            bars[b].append(None if span.chord == "N" else parse_chord(span.chord))
+    return bars
+
+
+def _key_scores(spans: list[ChordSpan], downbeats: tuple[float, ...], profile: np.ndarray,
+                weights: dict[str, float] | None = None) -> np.ndarray:
+    """Score of each key in _KEYS: a weighted sum of
+
+    - ``fit``: the duration-weighted share of the chords' triad tones in the key (for a minor key
+      its natural scale plus the leading tone: harmonic minor's major V);
+    - ``share``: the tonic chord's share of the song (tonic triad of the key's mode);
+    - ``cadence``: authentic cadences, V (or V7, a major chord: in minor it carries the raised
+      leading tone) followed by the tonic chord, up to 2 counted;
+    - ``phrase_end`` / ``phrase_start``: the share of phrases (4 bars from bar 1) that end / start
+      on the tonic chord;
+    - ``last``: the song's last chord is the tonic;
+    - ``profile``: Pearson r of the song's chroma with the Krumhansl-Kessler profile of the key.
+    """
+    w = KEY_WEIGHTS if weights is None else weights
+    bars = _bars_of(spans, downbeats)
+    chords = [(parse_chord(c.chord), c.end_seconds - c.start_seconds) for c in spans if c.chord != "N"]
     scores = np.zeros(len(_KEYS))
+    if not chords:
+        return scores
+    total = sum(d for _, d in chords)
+    ends = [b[-1] for i, b in enumerate(bars) if b and ((i + 1) % _PHRASE_BARS == 0 or i == len(bars) - 1)]
+    starts = [b[0] for i, b in enumerate(bars) if b and i % _PHRASE_BARS == 0]
     kk_major = np.asarray(KRUMHANSL_KESSLER_MAJOR)
     kk_minor = np.asarray(KRUMHANSL_KESSLER_MINOR)
     for k, key in enumerate(_KEYS):
-        scale = set(key.pitch_classes())
-        allowed = set(scale)
+        allowed = set(key.pitch_classes())
         if key.mode == "minor":
             allowed.add((key.tonic + 11) % 12)   # leading tone (harmonic minor)
-        fit = sum(d * sum(pc in allowed for pc in ch.pitch_classes[:3]) / 3.0 for ch, d, _ in chords) / total
         tonic_quality = "maj" if key.mode == "major" else "min"
 
         def is_tonic(ch) -> bool:
-            return ch.root == key.tonic and _TRIAD_OF.get(ch.quality, ch.quality) == tonic_quality
+            return ch is not None and ch.root == key.tonic and _TRIAD_OF.get(ch.quality) == tonic_quality
 
         def is_dominant(ch) -> bool:
-            return ch.root == (key.tonic + 7) % 12 and _TRIAD_OF.get(ch.quality, ch.quality) == "maj"
+            return ch is not None and ch.root == (key.tonic + 7) % 12 and _TRIAD_OF.get(ch.quality) == "maj"
 
-        share = sum(d for ch, d, _ in chords if is_tonic(ch)) / total
-        cadences = 0
-        for (a, _, _), (b, _, _) in zip(chords[:-1], chords[1:]):
-            if is_dominant(a) and is_tonic(b):
-                cadences += 1
-        last = is_tonic(chords[-1][0])
-        first = is_tonic(chords[0][0])
-        score = 3.0 * fit + 1.0 * share + 0.6 * min(cadences, 3) / 3 + 0.8 * last + 0.4 * first
-        prof = kk_major if key.mode == "major" else kk_minor
-        r = np.corrcoef(np.roll(prof, key.tonic), profile)[0, 1] if profile.sum() > 0 else 0.0
-        score += 0.3 * float(r)
+        fit = sum(d * sum(pc in allowed for pc in ch.pitch_classes[:3]) / 3.0 for ch, d in chords) / total
+        share = sum(d for ch, d in chords if is_tonic(ch)) / total
+        cadences = sum(is_dominant(a) and is_tonic(b) for (a, _), (b, _) in zip(chords[:-1], chords[1:]))
+        score = (w["fit"] * fit + w["share"] * share + w["cadence"] * min(cadences, 2) / 2
+                 + w["phrase_end"] * (np.mean([is_tonic(c) for c in ends]) if ends else 0.0)
+                 + w["phrase_start"] * (np.mean([is_tonic(c) for c in starts]) if starts else 0.0)
+                 + w["last"] * is_tonic(chords[-1][0]))
+        if profile.sum() > 0:
+            prof = np.roll(kk_major if key.mode == "major" else kk_minor, key.tonic)
+            score += w["profile"] * float(np.corrcoef(prof, profile)[0, 1])
         scores[k] = score
-    del bar_last, bar_bass
     return scores
 
 
@@ -562,6 +637,12 @@ def analyse_song(audio: np.ndarray, sample_rate: int) -> SongAnalysis:
     frames = _frame_chroma(mono)
     onset = librosa.onset.onset_strength(y=mono, sr=_SR, hop_length=_HOP, n_mels=16, fmax=300.0)
     beats, chroma, phase = _bar_grid(frames, beats, duration, onset)
+    tracked_bpm = 60.0 / float(np.median(np.diff(beats)))
+    if tracked_bpm >= _DOUBLE_MIN_BPM and len(beats) >= 4 * BEATS_PER_BAR and _changes_in_pairs(chroma, phase):
+        beats, chroma, phase = _bar_grid(frames, beats[phase % 2::2], duration, onset)
+    elif tracked_bpm < _HALF_MAX_BPM and _changes_mid_bar(chroma, phase):
+        doubled = np.sort(np.concatenate((beats, 0.5 * (beats[1:] + beats[:-1]))))
+        beats, chroma, phase = _bar_grid(frames, doubled, duration, onset)
     downbeat_beats = np.arange(phase, len(beats), BEATS_PER_BAR)
     # a bar counts when its downbeat has at least 3 of its beats in the song
     downbeats = [float(beats[i]) for i in downbeat_beats if i + BEATS_PER_BAR - 1 < len(beats)]
@@ -570,7 +651,7 @@ def analyse_song(audio: np.ndarray, sample_rate: int) -> SongAnalysis:
     silence = max(_SILENCE_RMS, float(chroma.energy.max()) * 10 ** (-40 / 20))
     spans = _bar_chords(chroma, phase, len(downbeats), beats, silence)
     profile = chroma.treble.sum(axis=1) + chroma.bass.sum(axis=1)
-    scores = _key_scores(spans, [], profile)
+    scores = _key_scores(spans, tuple(downbeats), profile)
     order = np.argsort(-scores)
     key = _KEYS[int(order[0])]
     confidence = float(np.clip((scores[order[0]] - scores[order[1]]) / 0.3, 0.0, 1.0))

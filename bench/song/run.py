@@ -20,7 +20,7 @@ from the same songs in the same run:
   clicks (threshold onset detector) against the nearest TRUE beat of the song: median and worst
   over all songs (ms), and how many stems start on a true downbeat.
 
-The default seed (1) is the one CI runs; the analysis was tuned on seed 0. ``--strict`` exits 1
+The default seed (2) is the one CI runs; the analysis was tuned on seeds 0 and 1. ``--strict`` exits 1
 when a target (TARGETS) is missed.
 """
 
@@ -162,7 +162,7 @@ def run_song(args: tuple[int, int]) -> SongResult:
 
     from bench.song.synth import SAMPLE_RATE, build_song
     from stems.analysis import estimate_key
-    from stems.song import analyse_song
+    from stems.song import RegionError, analyse_song
     from stems.warping import conform_to_beats
 
     song = build_song(index, seed)
@@ -197,14 +197,18 @@ def run_song(args: tuple[int, int]) -> SongResult:
     # play-along check
     rng = np.random.default_rng([seed, index, 7])
     start_bar, bars = REGION
-    region = found.region(start_bar, bars)
-    stem_bpm = region.bpm * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.01, 0.03))
-    stem = _click_stem(rng, stem_bpm, bars, sr)
-    target = np.asarray(region.beats) - region.start_seconds
-    conformed = conform_to_beats(stem, sr, target, bars=bars)
-    hits = _onsets(conformed.audio, sr) + region.start_seconds
-    nearest = np.abs(hits[:, None] - song.beats[None, :]).min(axis=1) if len(hits) else np.array([1.0])
-    on_downbeat = bool(len(hits) and np.min(np.abs(song.downbeats - hits[0])) < 0.03)
+    try:
+        region = found.region(start_bar, bars)
+    except RegionError:   # the analysis found too few bars: a miss, scored as such
+        nearest, on_downbeat = np.array([np.inf]), False
+    else:
+        stem_bpm = region.bpm * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.01, 0.03))
+        stem = _click_stem(rng, stem_bpm, bars, sr)
+        target = np.asarray(region.beats) - region.start_seconds
+        conformed = conform_to_beats(stem, sr, target, bars=bars)
+        hits = _onsets(conformed.audio, sr) + region.start_seconds
+        nearest = np.abs(hits[:, None] - song.beats[None, :]).min(axis=1) if len(hits) else np.array([np.inf])
+        on_downbeat = bool(len(hits) and np.min(np.abs(song.downbeats - hits[0])) < 0.03)
     return SongResult(
         name=song.name, category=song.category, drums=song.drums,
         key_ok=found.key == song.key.name, key_base_ok=base_key == song.key,
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--songs", type=int, default=40, help="number of songs (default 40)")
-    parser.add_argument("--seed", type=int, default=1, help="synthesis seed (default 1; tuned on 0)")
+    parser.add_argument("--seed", type=int, default=2, help="synthesis seed (default 2, the one CI runs; tuned on 0 and 1)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--verbose", action="store_true", help="one line per song")
