@@ -261,6 +261,16 @@ def _conditioning_report(conditioning, song: dict | None) -> dict | None:
     return report
 
 
+def _stem_bars(plan: MusicalPlan, song: dict | None) -> MusicalPlan:
+    """The plan on the stem's own bars, for its analysis: on the song's beats a stem's bars are
+    the region's, whose mean tempo is exactly ``bars / (end - start)`` (the plan's BPM is rounded)."""
+    if song is None or song["grid"] != song_source.GRID_SONG:
+        return plan
+    region = song["region"]
+    seconds = region["end_seconds"] - region["start_seconds"]
+    return dataclasses.replace(plan, bpm=plan.bars * plan.beats_per_bar * 60.0 / seconds)
+
+
 def _song_plan(plan: MusicalPlan, song: dict) -> MusicalPlan:
     """The stem's bars with the song's own chords and key (what the stem is measured against)."""
     chords = tuple(song["region"]["chords"]) or plan.chords
@@ -297,10 +307,11 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
                   "duration_seconds": f"{rendered.duration_seconds:.6f}",
                   "key": plan.key.name, "model": settings.musicgen_model,
                   "generation_request_id": request["generation_request_id"]})
-    analysis = stem_analysis(rendered.audio, rendered.sample_rate, plan,
+    bars = _stem_bars(plan, song)
+    analysis = stem_analysis(rendered.audio, rendered.sample_rate, bars,
                              harmonic=stem in HARMONIC_STEMS)
     if song is not None and analysis.get("harmonic"):
-        analysis["vs_song"] = _vs_song(rendered, plan, song, analysis)
+        analysis["vs_song"] = _vs_song(rendered, bars, song, analysis)
     metadata = rendered.metadata()
     warnings = list(extra.pop("warnings", None) or []) + metadata.pop("warnings", [])
     result = {"stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
