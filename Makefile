@@ -149,6 +149,12 @@ bench-tempo: install
 bench-key: install
 	$(PY) -m bench.key $(BENCH_ARGS)
 
+# Song analysis (key, chords per bar, beats, downbeats, tempo map) on synthetic songs, and stems
+# conformed onto their beat maps; --strict fails below the targets of bench/song/run.py.
+.PHONY: bench-song
+bench-song: install
+	$(PY) -m bench.song $(BENCH_ARGS)
+
 # Regenerate the pinned versions after changing a dependency list.
 lock:
 	$(UV) pip freeze --python $(PY) --exclude-editable | grep -v '^audiocraft==' > requirements/constraints.txt

@@ -131,9 +131,10 @@ class Settings(BaseSettings):
     #: Largest source file fetched (bytes) and longest source decoded (seconds).
     source_audio_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     source_audio_max_seconds: float = Field(default=600.0, gt=0)
-    #: Seconds of the source's end a text-only MusicGen continues from (generate_continuation).
+    #: With source_mode "continue": seconds of the song before the region that MusicGen continues
+    #: (generate_continuation).
     source_prompt_seconds: float = Field(default=4.0, gt=0, le=20)
-    #: Seconds of the source whose chromagram conditions a melody MusicGen (its first seconds).
+    #: Not read (a melody MusicGen hears the whole region's chromagram); listed in deploy/k8s.
     source_chroma_seconds: float = Field(default=30.0, gt=0, le=120)
 
     # --- request limits -------------------------------------------------------------------------

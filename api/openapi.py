@@ -39,7 +39,13 @@ def build_openapi(settings) -> dict:
     components = schema.get("$defs", {})
     # The configured maximum duration is a runtime setting: show it in the document.
     duration = components["GenerationParameters"]["properties"]["duration_seconds"]
-    duration["maximum"] = settings.max_duration_seconds
+    for branch in duration.get("anyOf", [duration]):  # optional: [number, null]
+        if branch.get("type") == "number":
+            branch["maximum"] = settings.max_duration_seconds
+    region = components["SourceRegion"]["properties"]["start_seconds"]
+    for branch in region.get("anyOf", [region]):
+        if branch.get("type") == "number":
+            branch["exclusiveMaximum"] = settings.source_audio_max_seconds
 
     def ref(model, mode="serialization"):
         return refs[(model, mode)]["$ref"]

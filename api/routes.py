@@ -106,7 +106,9 @@ def generate():
     """Validate, record (idempotent on generation_request_id) and enqueue a stem job."""
     settings = _settings()
     parsed = GenerateRequest.model_validate(
-        _json_body(), context={"max_duration_seconds": settings.max_duration_seconds})
+        _json_body(), context={"max_duration_seconds": settings.max_duration_seconds,
+                               "beats_per_bar": settings.beats_per_bar,
+                               "source_audio_max_seconds": settings.source_audio_max_seconds})
     if parsed.callback_url:
         callback_url = str(parsed.callback_url)
         _check_outbound_url(callback_url)

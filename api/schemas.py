@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from stems.plan import PlanError, parse_chord, parse_key
 
@@ -69,6 +69,62 @@ class OutputFormat(BaseModel):
         return 320 if value is None and fmt == "mp3" else value
 
 
+class SourceRegion(BaseModel):
+    """``parameters.source_region``: the part of the user's song the stems are for. Bars are
+    counted as musicians count them: bar 1 starts at the song's first downbeat. Only the shape is
+    checked here; a region past the song's end fails the job (not retried), since the gateway
+    never decodes the song."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    start_bar: Optional[int] = Field(
+        None, ge=1, le=10000, description="First bar of the region (1: the bar that starts at the "
+                                          "song's first downbeat). Not with start_seconds.")
+    start_seconds: Optional[float] = Field(
+        None, ge=0, description="Where the region starts in the song, seconds; snapped to the "
+                                "nearest downbeat. Not with start_bar. Below SOURCE_AUDIO_MAX_SECONDS.")
+    bars: Optional[int] = Field(
+        None, ge=1, le=1024, description="Length of the region in bars; wins over "
+                                         "duration_seconds. Default: duration_seconds in whole bars.")
+
+    @field_validator("start_bar", "bars", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        if isinstance(value, bool):  # JSON true would otherwise pass as 1
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("start_seconds")
+    @classmethod
+    def _within_a_song(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        limit = (info.context or {}).get("source_audio_max_seconds")
+        if value is not None and limit is not None and value >= limit:
+            raise ValueError(f"must be below {limit:g} seconds (SOURCE_AUDIO_MAX_SECONDS: no song "
+                             "is longer)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "SourceRegion":
+        if self.start_bar is not None and self.start_seconds is not None:
+            raise ValueError("give start_bar or start_seconds, not both")
+        return self
+
+
+def _region_within_max(region: SourceRegion, bpm: Optional[float], context: dict) -> None:
+    """A region's length is checked here when the tempo is given (else once the song is analysed).
+
+    Raises:
+        ValueError: longer than MAX_DURATION_SECONDS.
+    """
+    limit = context.get("max_duration_seconds")
+    if limit is None or region.bars is None or bpm is None:
+        return
+    seconds = region.bars * context.get("beats_per_bar", 4) * 60.0 / bpm
+    if seconds > limit:
+        raise ValueError(f"bars: {region.bars} bars at {bpm:g} BPM last {seconds:.1f} s, more than "
+                         f"{limit:g} s (MAX_DURATION_SECONDS)")
+
+
 class GenerationParameters(BaseModel):
     """What to generate. BPM in beats per minute, durations in seconds."""
 
@@ -76,20 +132,31 @@ class GenerationParameters(BaseModel):
 
     # Before target_bpm and key: their validators read it (they may come from the source audio).
     condition_on_audio: bool = Field(
-        False, description="Fit the stems to the user's song: fetch the source audio "
-                           "(audio_file_id in the source container, or source_audio_url), take its "
-                           "tempo and key when target_bpm / key are not given, and condition "
-                           "generation on it (chromagram with a melody model, else continuation).")
+        False, description="Stems that play along with the user's song: the source audio "
+                           "(audio_file_id in the source container, or source_audio_url) is "
+                           "analysed once; the plan is its tempo, key and the chords of "
+                           "source_region's bars (target_bpm, key, chords override); stems are "
+                           "warped onto its beat map and say where they belong (source_region).")
     source_audio_url: Optional[AnyHttpUrl] = Field(
         None, description="http(s) URL (e.g. a read SAS) of the source audio; used instead of "
                           "audio_file_id with condition_on_audio. Checked like callback_url.")
     target_bpm: Optional[float] = Field(
         None, ge=40, le=240, validate_default=True,
         description="Tempo of every stem, BPM. Required unless condition_on_audio is set (then it "
-                    "defaults to the source's tempo).")
-    duration_seconds: float = Field(
-        gt=0, description="Requested length, seconds; the stem has the whole number of bars "
-                          "closest to it. At most the configured MAX_DURATION_SECONDS.")
+                    "defaults to the source's tempo; a different one gives stems on a constant "
+                    "grid at this tempo).")
+    source_region: Optional[SourceRegion] = Field(
+        None, description='With condition_on_audio: the bars of the song the stems are for, '
+                          '{"start_bar": n, "bars": m} or {"start_seconds": s} (snapped to the '
+                          "nearest downbeat). Default: from the song's first downbeat.")
+    source_mode: Literal["accompany", "continue"] = Field(
+        "accompany", description='With condition_on_audio: "accompany" plays along with the '
+                                 'region; "continue" continues the bars before it (text models).')
+    duration_seconds: Optional[float] = Field(
+        None, gt=0, validate_default=True,
+        description="Requested length, seconds; the stem has the whole number of bars closest to "
+                    "it. At most the configured MAX_DURATION_SECONDS. Optional when "
+                    "source_region gives bars (which then win).")
     style: Optional[str] = Field(None, max_length=200, description='Genre or mood, e.g. "rock".')
     prompt: Optional[str] = Field(None, max_length=500, description="Free text for the model.")
     key: Optional[str] = Field(
@@ -129,11 +196,31 @@ class GenerationParameters(BaseModel):
 
     @field_validator("duration_seconds")
     @classmethod
-    def _within_configured_max(cls, value: float, info: ValidationInfo) -> float:
+    def _within_configured_max(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if value is None:
+            region = info.data.get("source_region", False)  # absent: the region itself is invalid
+            if region is not False and (region is None or region.bars is None):
+                raise ValueError("is required unless parameters.source_region gives bars")
+            return value
         limit = (info.context or {}).get("max_duration_seconds")
         if limit is not None and value > limit:
             raise ValueError(f"must be at most {limit:g} seconds")
         return value
+
+    @field_validator("source_region", "source_mode")
+    @classmethod
+    def _region_with_conditioning(cls, value, info: ValidationInfo):
+        if value not in (None, "accompany") and not info.data.get("condition_on_audio"):
+            raise ValueError("is only used with condition_on_audio: true")
+        if isinstance(value, SourceRegion):
+            _region_within_max(value, info.data.get("target_bpm"), info.context or {})
+        return value
+
+        seconds = region.bars * context.get("beats_per_bar", 4) * 60.0 / self.target_bpm
+        if seconds > limit:
+            raise ValueError(f"source_region.bars: {region.bars} bars at {self.target_bpm:g} BPM "
+                             f"last {seconds:.1f} s, more than {limit:g} s (MAX_DURATION_SECONDS)")
+        return self
 
     @field_validator("key")
     @classmethod
@@ -201,6 +288,43 @@ class TempoReport(BaseModel):
     confidence: float
     method: str
     bars: int
+    grid: Optional[Literal["song-beats", "constant-bpm"]] = Field(
+        None, description='"song-beats": warped onto the song\'s own beat map over the region '
+                          '(song_beats_seconds, from the stem\'s start, are the warp\'s anchors); '
+                          '"constant-bpm": on a constant grid at target_bpm.')
+    song_beats_seconds: Optional[list[float]] = Field(
+        None, description="song-beats only: the song's beats over the region, seconds from the "
+                          "region's first downbeat (the stem's start).")
+
+
+class SourceRegionResult(BaseModel):
+    """Where a stem belongs on the song's timeline (with condition_on_audio)."""
+
+    model_config = ConfigDict(extra="allow")
+    start_bar: int = Field(description="The region's first bar; bar 1 starts at the song's first downbeat.")
+    bars: int
+    start_seconds: float = Field(description="The region's first downbeat in the song, seconds: "
+                                             "drop the stem here and it plays in time.")
+    end_seconds: float = Field(description="The downbeat after the region's last bar, seconds.")
+    first_downbeat_seconds: float = Field(description="The song's first downbeat (bar 1), seconds.")
+    bpm: float = Field(description="The song's mean tempo over the region, BPM.")
+    grid: Literal["song-beats", "constant-bpm"]
+
+
+class ConditioningAudio(BaseModel):
+    """The audio that conditioned a stem's generation, as handed to the model."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["chroma", "continuation"]
+    origin: Optional[str] = Field(None, description='"song-region" (the region\'s '
+                                  'own samples), "song-before-region" (continue) or "plan" (the '
+                                  "plan's chords rendered).")
+    sample_rate: int
+    channels: int
+    samples: int
+    sha256: str = Field(description="SHA-256 of the float32 samples given to the model.")
+    start_sample: Optional[int] = Field(None, description="From the song: its first sample.")
+    end_sample: Optional[int] = Field(None, description="From the song: one past its last sample.")
 
 
 class LoudnessReportModel(BaseModel):
@@ -242,10 +366,16 @@ class StemResult(BaseModel):
                           "SEPARATION_SILENT_STEM_DB relative to the mix); it is kept, not gained up.")
     warnings: Optional[list[str]] = None
     error: Optional[str] = None
+    source_region: Optional[SourceRegionResult] = Field(
+        None, description="With condition_on_audio: where the stem belongs in the song.")
+    conditioning_audio: Optional[ConditioningAudio] = None
 
 
 class MusicalPlanModel(BaseModel):
-    """The request's musical plan (stems.plan.MusicalPlan.to_dict): every stem follows it."""
+    """The request's musical plan (stems.plan.MusicalPlan.to_dict): every stem follows it. With
+    condition_on_audio it also has ``source_audio`` (the song's origin, duration, BPM, key with
+    its confidence, first downbeat, bars) and ``overrides`` (the request's key, chords and
+    target_bpm that replace the song's, each with the song's own)."""
 
     model_config = ConfigDict(extra="allow")
     key: str = Field(description='e.g. "A minor"')
@@ -256,7 +386,7 @@ class MusicalPlanModel(BaseModel):
     time_signature: str
     progression: list[str] = Field(description="The chord cycle.")
     chords: list[str] = Field(description="One chord per bar.")
-    source: str = Field(description="Where key and chords came from.")
+    source: str = Field(description='Where key and chords came from ("source-audio": the song).')
 
 
 class CallbackState(BaseModel):

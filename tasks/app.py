@@ -76,6 +76,7 @@ def celery_config(settings: Settings) -> dict:
         "task_routes": {
             "stemgen.generate_stem": {"queue": settings.stems_queue_for(settings.musicgen_model)},
             "stemgen.generate_ensemble": {"queue": settings.stems_queue_for(settings.musicgen_model)},
+            "stemgen.analyse_source": {"queue": settings.stems_queue_for(settings.musicgen_model)},
             "stemgen.finalize_request": {"queue": settings.callbacks_queue},
             "stemgen.deliver_callback": {"queue": settings.callbacks_queue},
         },

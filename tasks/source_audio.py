@@ -1,4 +1,5 @@
-"""The user's song (``audio_file_id``) for ``condition_on_audio``: fetched, decoded, analysed.
+"""The user's song (``audio_file_id``) for ``condition_on_audio``: fetched and decoded (its
+analysis, once per job, is tasks.song_source's).
 
 The source is the blob named ``audio_file_id`` in ``SOURCE_AUDIO_CONTAINER`` under the prefix of
 the API key that submitted the job (``{key id}/{audio_file_id}``, storage.source_blob_name: one
@@ -21,16 +22,10 @@ import numpy as np
 import requests
 import soundfile as sf
 
-from stems.analysis import AnalysisError, KeyEstimate, chromagram, key_from_chroma
 from stems.audio import decode_audio
-from stems.tempo import estimate_tempo
 from storage import (BlobNotFound, BlobTooLarge, InvalidBlobName, StorageError, StorageUnavailable,
                      source_blob_name, store_from_settings)
 from tasks.callback_target import CallbackPolicy, UnsafeCallbackURL, guarded_session
-
-#: Seconds of the source analysed for tempo and key (its beginning; enough for a stable estimate).
-ANALYSIS_SECONDS = 120.0
-
 
 class SourceAudioError(ValueError):
     """The source audio is missing, too large, too long, silent or not audio (not retried)."""
@@ -38,41 +33,25 @@ class SourceAudioError(ValueError):
 
 @dataclass(frozen=True)
 class SourceAudio:
-    """A decoded, analysed source.
+    """A decoded source.
 
     Attributes:
         audio: float32 ``[channels, samples]``. sample_rate: Hz.
-        bpm: estimated tempo, BPM; bpm_confidence: 0..1 (stems.tempo.estimate_tempo).
-        key: estimated key (stems.analysis.estimate_key).
-        fingerprint: SHA-256 of the file's bytes (conditioning with equal sources is batched).
+        fingerprint: SHA-256 of the file's bytes.
         origin: "blob:<container>/<name>" or the URL without its query (no SAS in reports).
+        subtype: the file's sample format (libsndfile's, e.g. "PCM_16"), so an excerpt can be
+            stored losslessly.
     """
 
     audio: np.ndarray
     sample_rate: int
-    bpm: float
-    bpm_confidence: float
-    key: KeyEstimate
     fingerprint: str
     origin: str
+    subtype: str = "PCM_24"
 
     @property
     def duration_seconds(self) -> float:
         return self.audio.shape[1] / self.sample_rate
-
-    def report(self) -> dict:
-        """What the job reports about its source (JSON)."""
-        return {"origin": self.origin, "duration_seconds": round(self.duration_seconds, 3),
-                "sample_rate": self.sample_rate, "bpm": round(self.bpm, 3),
-                "bpm_confidence": round(self.bpm_confidence, 3), "key": self.key.to_dict()}
-
-    def tail(self, seconds: float) -> np.ndarray:
-        """The last ``seconds`` of the audio, ``[channels, samples]``."""
-        return self.audio[:, -max(1, int(round(seconds * self.sample_rate))):]
-
-    def head(self, seconds: float) -> np.ndarray:
-        """The first ``seconds`` of the audio, ``[channels, samples]``."""
-        return self.audio[:, : max(1, int(round(seconds * self.sample_rate)))]
 
 
 def fetch_source_bytes(request: dict, settings) -> tuple[bytes, str]:
@@ -128,7 +107,7 @@ def _fetch_url(url: str, limit: int, settings) -> bytes:
 
 
 def decode_source(data: bytes, origin: str, settings) -> SourceAudio:
-    """Decode (libsndfile: WAV, FLAC, OGG, MP3) and analyse a source file.
+    """Decode a source file (libsndfile: WAV, FLAC, OGG, MP3).
 
     Raises:
         SourceAudioError: not audio, longer than SOURCE_AUDIO_MAX_SECONDS, or silent.
@@ -146,20 +125,12 @@ def decode_source(data: bytes, origin: str, settings) -> SourceAudio:
         raise SourceAudioError(f"source audio is not a readable audio file: {exc}") from None
     if audio.shape[1] < rate or not np.all(np.isfinite(audio)) or np.max(np.abs(audio)) < 1e-4:
         raise SourceAudioError("source audio is shorter than 1 s or silent")
-    analysed = audio[:, : int(ANALYSIS_SECONDS * rate)]
-    bpm, confidence = estimate_tempo(analysed, rate)
-    try:
-        # plain Krumhansl-Schmuckler: a song excerpt need not open on its tonic, as a plan does
-        key = key_from_chroma(chromagram(analysed, rate), opening_share=0.0)
-    except AnalysisError as exc:
-        raise SourceAudioError(f"source audio has no pitched content to take a key from: {exc}") from None
-    return SourceAudio(audio=audio, sample_rate=rate, bpm=bpm, bpm_confidence=confidence,
-                       key=key,
-                       fingerprint=hashlib.sha256(data).hexdigest(), origin=origin)
+    return SourceAudio(audio=audio, sample_rate=rate, fingerprint=hashlib.sha256(data).hexdigest(),
+                       origin=origin, subtype=info.subtype)
 
 
 def load_source(request: dict, settings) -> SourceAudio:
-    """Fetch, decode and analyse the request's source audio (see the module doc).
+    """Fetch and decode the request's source audio (see the module doc).
 
     Raises:
         SourceAudioError, StorageUnavailable.

@@ -1,4 +1,5 @@
-"""Celery tasks: one ``generate_stem`` per stem (or one ``generate_ensemble`` for all stems of an
+"""Celery tasks: with ``condition_on_audio``, first ``analyse_source`` (the song analysed once per
+job, tasks.song_source); then one ``generate_stem`` per stem (or one ``generate_ensemble`` for all stems of an
 ensemble request) in a chord (sent by the outbox dispatcher, ``send_job_chord``) whose body is
 ``finalize_request``, which hands the callback to
 ``deliver_callback`` (tasks.callback_delivery).
@@ -12,20 +13,25 @@ import contextlib
 import logging
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 
+import hashlib
+
 import numpy as np
-from celery import chord
+import redis
+from celery import chain, chord
 from celery.utils.time import get_exponential_backoff_interval
 
 import stemgen_logging
-from stems.analysis import coherence, stem_analysis
+from stems.analysis import chord_fit, coherence, key_agreement, stem_analysis
 from stems.audio import OutputSpec
 from stems.batching import GenerationCancelled
 from stems.engine import SamplingParams
 from stems.plan import MusicalPlan, parse_key
+from stems.warping import conform_to_beats
 from stems.prompts import HARMONIC_STEMS, build_ensemble_prompt, build_stem_prompt
-from stems.render import conform_clip, finish_stem, render_stem
+from stems.render import conform_clip, finish_stem
 from stems.separation import stem_energy_db
 from storage import StorageUnavailable, blob_name_for, store_from_settings
 from tasks import metrics
@@ -33,8 +39,9 @@ from tasks.app import app
 from tasks.callback_delivery import deliver_callback
 from tasks.jobstore import JobStore
 from tasks.model_cache import get_batcher, get_separator
-from tasks.planning import conditioning_for, make_job_plan, plan_from_record
-from tasks.source_audio import load_source
+from tasks import song_source
+from tasks.planning import SongConditioning, conditioning_for, make_job_plan, plan_from_record
+from tasks.source_audio import SourceAudioError, load_source
 from tasks.worker_jobstore import JOBSTORE_RETRIES, JOBSTORE_UNREACHABLE, job_store
 
 log = logging.getLogger(__name__)
@@ -133,7 +140,8 @@ def _cancel_watch(jobs: JobStore, job_id: str, poll_seconds: float):
 def send_job_chord(job: dict) -> None:
     """Send a recorded job's chord, whose results go to ``finalize_request``: ``generate_stem`` for
     each stem (routed to the queue of the job's model), or, for ``arrangement: "ensemble"``, one
-    ``generate_ensemble`` for all of them. ``job`` is its record (JobStore.get). Called by the
+    ``generate_ensemble`` for all of them; with ``condition_on_audio``, chained after
+    ``analyse_source`` (the song analysed once for the job). ``job`` is its record (JobStore.get). Called by the
     outbox dispatcher (tasks.dispatcher), not on the gateway's request path.
 
     Raises:
@@ -146,34 +154,154 @@ def send_job_chord(job: dict) -> None:
     settings = app.stemgen_settings
     # the queue of the workers holding the job's model (one queue per served model)
     queue = settings.stems_queue_for(request["parameters"].get("model") or settings.served_models[0])
+    # immutable signatures: after analyse_source, the stems read the song's analysis from the job
     if request["parameters"].get("arrangement") == "ensemble":
-        header = [generate_ensemble.s(job_id, stems, request).set(queue=queue)]
+        header = [generate_ensemble.si(job_id, stems, request).set(queue=queue)]
     else:
-        header = [generate_stem.s(job_id, stem, request).set(queue=queue) for stem in stems]
-    chord(header)(finalize_request.s(job_id))
+        header = [generate_stem.si(job_id, stem, request).set(queue=queue) for stem in stems]
+    stems_chord = chord(header, finalize_request.s(job_id))
+    if request["parameters"].get("condition_on_audio"):  # the song analysed once, first
+        chain(analyse_source.si(job_id, request).set(queue=queue), stems_chord).apply_async()
+    else:
+        stems_chord.apply_async()
 
 
-def _job_plan(jobs: JobStore, job_id: str, request: dict, settings, source) -> MusicalPlan:
-    """The job's plan: as recorded at submission, else made here from the source and recorded
-    (the first one recorded wins, see JobStore.claim_plan)."""
-    record = jobs.get(job_id).get("plan")
-    if record is None:
-        record = jobs.claim_plan(job_id, make_job_plan(request, settings.beats_per_bar, source))
-    return plan_from_record(record)
+@app.task(bind=True, name="stemgen.analyse_source", max_retries=STORAGE_MAX_RETRIES)
+def analyse_source(self, job_id: str, request: dict) -> str:
+    """The job's first step with ``condition_on_audio``: fetch, decode and analyse the song once,
+    resolve the region, make the plan and record them with the job (tasks.song_source); the
+    stems' chord follows (``send_job_chord``). Never fails the chain: a song or region that
+    cannot be used is recorded as the source's error, with which every stem then fails at once
+    (never retried). Retried only while storage or the job store is unreachable.
+
+    Returns:
+        "analysed", "failed" (the recorded error) or "cancelled".
+    """
+    settings = self.app.stemgen_settings
+    jobs = job_store(self.app)
+    try:
+        if jobs.cancel_requested(job_id):  # the stems stop on their own; nothing to analyse for
+            return "cancelled"
+        song = jobs.source_of(job_id)
+        if song is None:
+            started = time.perf_counter()
+            song = _analyse_and_record(jobs, job_id, request, settings)
+            log.info("song of job %s analysed in %.2fs", job_id, time.perf_counter() - started)
+        return "failed" if song.get("error") else "analysed"
+    except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
+        retry = _retry_later(self, settings, exc, f"{job_id} (song analysis)")
+        if retry is None:
+            jobs.record_source(job_id, {"error": str(exc)}, None)
+            return "failed"
+        raise retry
+    except Exception as exc:  # recorded: the stems fail with it (see docstring)
+        log.exception("song analysis of job %s failed", job_id)
+        jobs.record_source(job_id, {"error": f"{exc.__class__.__name__}: {exc}"}, None)
+        return "failed"
 
 
-def _source(request: dict, settings):
-    """The request's analysed source audio, or None (tasks.source_audio)."""
+def _analyse_and_record(jobs: JobStore, job_id: str, request: dict, settings) -> dict:
+    """Fetch, decode and analyse the job's song, make its plan and record both (first wins);
+    the recorded source. A song or region that cannot be used is recorded as the source's
+    ``error`` (the stems then fail with it, never retried).
+
+    Raises:
+        StorageUnavailable: the song's storage cannot be reached (retried by the caller).
+    """
+    try:
+        source = load_source(request, settings)
+        record, excerpt = song_source.analyse(source, request, settings)
+    except SourceAudioError as exc:  # (SongRegionError included: it names its field)
+        return jobs.record_source(job_id, {"error": str(exc),
+                                           "field": getattr(exc, "field", None)}, None)
+    plan = make_job_plan(request, settings.beats_per_bar, record)
+    return jobs.record_source(job_id, record, plan, excerpt)
+
+
+def _job_song(jobs: JobStore, job_id: str, request: dict, settings) -> dict | None:
+    """The job's analysed song (tasks.song_source), or None without ``condition_on_audio``. It is
+    analysed by the job's ``analyse_source`` step; a stem that finds no analysis (a job sent
+    before that step existed) makes it here, once for the job.
+
+    Raises:
+        SourceAudioError: the song or its region could not be used (the stem fails, no retry).
+    """
     if not request["parameters"].get("condition_on_audio"):
         return None
-    return load_source(request, settings)
+    song = jobs.source_of(job_id)
+    if song is None:
+        song = _analyse_and_record(jobs, job_id, request, settings)
+    if song.get("error"):
+        raise SourceAudioError(song["error"])
+    return song
+
+
+def _song_conditioning(jobs: JobStore, job_id: str, song: dict | None) -> SongConditioning | None:
+    """The job's stored excerpt of the song (tasks.song_source), or None."""
+    if song is None:
+        return None
+    data = jobs.source_excerpt(job_id)
+    if data is None:
+        raise SourceAudioError("the song's excerpt is gone from the job store (expired job?)")
+    audio, rate = song_source.decode_excerpt(data)
+    kind = "continuation" if song["excerpt"]["kind"] == "continuation" else "region"
+    return SongConditioning(kind, audio, rate, song["grid"], hashlib.sha256(data).hexdigest())
+
+
+def _conditioning_report(conditioning, song: dict | None) -> dict | None:
+    """What conditioned a generation, taken at the engine's boundary: the kind, where its audio
+    came from, and the SHA-256 of the float32 samples handed to the model."""
+    if conditioning is None:
+        return None
+    audio = np.ascontiguousarray(conditioning.audio, dtype=np.float32)
+    origin = conditioning.fingerprint.split(":", 1)[0]
+    report = {"kind": conditioning.kind, "origin": origin, "sample_rate": conditioning.sample_rate,
+              "channels": int(audio.shape[0]), "samples": int(audio.shape[1]),
+              "sha256": hashlib.sha256(audio.tobytes()).hexdigest()}
+    if song is not None and origin.startswith("song-"):
+        report["start_sample"] = song["excerpt"]["start_sample"]
+        report["end_sample"] = song["excerpt"]["end_sample"]
+    return report
+
+
+def _stem_bars(plan: MusicalPlan, song: dict | None) -> MusicalPlan:
+    """The plan on the stem's own bars, for its analysis: on the song's beats a stem's bars are
+    the region's, whose mean tempo is exactly ``bars / (end - start)`` (the plan's BPM is rounded)."""
+    if song is None or song["grid"] != song_source.GRID_SONG:
+        return plan
+    region = song["region"]
+    seconds = region["end_seconds"] - region["start_seconds"]
+    return dataclasses.replace(plan, bpm=plan.bars * plan.beats_per_bar * 60.0 / seconds)
+
+
+def _song_plan(plan: MusicalPlan, song: dict) -> MusicalPlan:
+    """The stem's bars with the song's own chords and key (what the stem is measured against)."""
+    chords = tuple(song["region"]["chords"]) or plan.chords
+    return dataclasses.replace(plan, key=parse_key(song["report"]["key"]["key"]),
+                               chords=chords, progression=chords)
+
+
+def _vs_song(rendered, plan: MusicalPlan, song: dict, analysis: dict) -> dict:
+    """A harmonic stem against the song: its key against the song's key and its per-bar chord
+    fit against the region's chords (the same bars as the plan's)."""
+    song_plan = _song_plan(plan, song)
+    stem_key = analysis.get("key")
+    agreement = (key_agreement(parse_key(stem_key["key"]), song_plan.key) if stem_key else None)
+    if song_plan.chords == plan.chords:
+        fit = analysis["chord_fit"]
+    else:
+        fit = chord_fit(rendered.audio, rendered.sample_rate, song_plan).to_dict()
+    return {"song_key": song_plan.key.name, "key_vs_song": agreement,
+            "song_chords": list(song_plan.chords), "chord_fit": fit}
 
 
 def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str, rendered,
-                plan: MusicalPlan, **extra) -> dict:
-    """Analyse a rendered stem against the plan, upload it, record it completed; its result.
-    The blob's extension and content type, and the result's format fields, are the rendered
-    file's (parameters.output).
+                plan: MusicalPlan, song: dict | None = None, anchors: np.ndarray | None = None,
+                **extra) -> dict:
+    """Analyse a rendered stem against the plan (and the song), upload it, record it completed;
+    its result. The blob's extension and content type, and the result's format fields, are the
+    rendered file's (parameters.output). ``anchors``: the beat map the stem was warped onto
+    (seconds from its start), reported as ``tempo.song_beats_seconds``.
 
     When storage is unreachable the rendered file and its result are kept in the job store
     (JobStore.stage_rendered, bounded by STAGED_STEM_MAX_BYTES and STAGED_STEM_TTL_SECONDS)
@@ -183,12 +311,19 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
     Raises:
         StorageUnavailable: storage unreachable (the render is kept when within the bounds).
     """
-    analysis = stem_analysis(rendered.audio, rendered.sample_rate, plan,
+    bars = _stem_bars(plan, song)
+    analysis = stem_analysis(rendered.audio, rendered.sample_rate, bars,
                              harmonic=stem in HARMONIC_STEMS)
+    if song is not None and analysis.get("harmonic"):
+        analysis["vs_song"] = _vs_song(rendered, bars, song, analysis)
     metadata = rendered.metadata()
     warnings = list(extra.pop("warnings", None) or []) + metadata.pop("warnings", [])
     result = {"stem": stem, "status": "completed", "bpm": plan.bpm,
               "model": settings.musicgen_model, **extra, **metadata, "analysis": analysis}
+    if song is not None:
+        result["source_region"] = song_source.result_region(song)
+        if anchors is not None and isinstance(result.get("tempo"), dict):
+            result["tempo"]["song_beats_seconds"] = [round(float(t), 6) for t in anchors]
     if warnings or "silent" in extra:  # (an ensemble stem always lists its warnings)
         result["warnings"] = warnings
     upload = {"blob_name": blob_name_for(job_id, stem, rendered.extension),
@@ -276,21 +411,50 @@ class _Generation:
     prompt: str
     conditioning: str | None    # "chroma", "continuation" or None
     seconds: float              # wall time of the generation
+    song: dict | None           # the job's analysed song (tasks.song_source), or None
+    conditioning_audio: dict | None  # _conditioning_report
+
+
+def _stem_seconds(parameters: dict, plan: MusicalPlan, song: dict | None) -> float:
+    """The finished stem's length, seconds: the region's on the song's beats, the plan's bars at
+    its tempo on a constant grid with a song, else the requested duration."""
+    if song is None:
+        return float(parameters["duration_seconds"])
+    if song["grid"] == song_source.GRID_SONG:
+        return song["region"]["end_seconds"] - song["region"]["start_seconds"]
+    return plan.bars * plan.bar_seconds()
+
+
+def _conform(made: "_Generation", parameters: dict, settings) -> tuple:
+    """The generation on the job's grid: (stems.warping.ConformResult, the beat map it was warped
+    onto or None). On the song's beats: warped onto its beat map over the region
+    (stems.warping.conform_to_beats, beats in seconds from the region's first downbeat);
+    otherwise conformed to the plan's BPM in whole bars (stems.render.conform_clip)."""
+    loop = bool(parameters.get("loop", False))
+    song = made.song
+    if song is not None and song["grid"] == song_source.GRID_SONG:
+        region = song["region"]
+        anchors = np.asarray(region["beats"], dtype=np.float64) - region["beats"][0]
+        return conform_to_beats(made.audio, made.sample_rate, anchors, bars=region["bars"],
+                                loop=loop, beats_per_bar=settings.beats_per_bar), anchors
+    return conform_clip(made.audio, made.sample_rate, bpm=made.plan.bpm,
+                        duration_seconds=_stem_seconds(parameters, made.plan, song),
+                        beats_per_bar=settings.beats_per_bar, loop=loop), None
 
 
 def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[str], *,
               ensemble: bool, progress) -> _Generation:
-    """The steps both tasks share: fetch and analyse the source (if any), take the job's plan,
-    build the prompt (one stem's, or the ensemble's for ``stems``), choose the conditioning and
-    generate through the worker's batcher."""
+    """The steps both tasks share: take the job's analysed song (if any) and plan, build the
+    prompt (one stem's, or the ensemble's for ``stems``), choose the conditioning and generate
+    through the worker's batcher."""
     parameters = request["parameters"]
     wanted = parameters.get("model")
     if wanted and wanted != settings.musicgen_model:  # a queue shared by two models' workers
         raise ModelNotHeld(f"this worker holds {settings.musicgen_model}, the job asked for {wanted}")
     batcher = get_batcher(settings)
     engine = batcher.engine
-    source = _source(request, settings)
-    plan = _job_plan(jobs, job_id, request, settings, source)
+    song = _job_song(jobs, job_id, request, settings)
+    plan = plan_from_record(jobs.get(job_id)["plan"])
     text = dict(style=parameters.get("style"), prompt=parameters.get("prompt"),
                 harmony=plan.prompt_text())
     if ensemble:
@@ -298,20 +462,21 @@ def _generate(settings, jobs: JobStore, job_id: str, request: dict, stems: list[
     else:
         prompt = build_stem_prompt(stems[0], plan.bpm, **text)
     conditioning = conditioning_for(None if ensemble else stems[0], plan,
-                                    melody_model=engine.supports_melody, source=source,
-                                    settings=settings)
+                                    melody_model=engine.supports_melody,
+                                    song=_song_conditioning(jobs, job_id, song))
     started = time.perf_counter()
     # Stems of one request (and compatible concurrent requests) share one MusicGen call.
     with _cancel_watch(jobs, job_id, settings.cancel_poll_seconds) as cancel:
         audio = batcher.generate(
-            prompt, float(parameters["duration_seconds"]) + settings.generation_margin_seconds,
+            prompt, _stem_seconds(parameters, plan, song) + settings.generation_margin_seconds,
             sampling=sampling_params(parameters, settings), seed=parameters.get("seed"),
             progress=progress, conditioning=conditioning, cancel=cancel)
     seconds = time.perf_counter() - started
     metrics.generation_done(batcher, settings.musicgen_model,
                             "ensemble" if ensemble else "independent", seconds)
     return _Generation(audio, engine.sample_rate, engine.device, plan, prompt,
-                       conditioning.kind if conditioning else None, seconds)
+                       conditioning.kind if conditioning else None, seconds, song,
+                       _conditioning_report(conditioning, song))
 
 
 @app.task(bind=True, name="stemgen.generate_stem", max_retries=STORAGE_MAX_RETRIES)
@@ -320,7 +485,9 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     failed generation: the failure is the result, so the chord's finalize always runs).
 
     The prompt carries the plan's key and chords; a melody model is conditioned on the plan's
-    chords or the source audio, a text model continues the source (tasks.planning).
+    chords or the song's region, and with ``source_mode: "continue"`` every model continues the
+    bars before the region (tasks.planning). With a song the stem is warped onto its beat map
+    over the region, or conformed to a constant grid at another target_bpm (``_conform``).
     Retried (Celery ``self.retry``, exponential backoff) only when storage is unreachable; sent
     to its model's queue when it reached a worker of another model; a render whose upload failed
     is kept, and its retry uploads it without generating again (``_store_stem``).
@@ -328,7 +495,6 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     settings = self.app.stemgen_settings
     jobs = job_store(self.app)
     parameters = request["parameters"]
-    duration = float(parameters["duration_seconds"])
     not_held = _send_to_model_queue(self, settings, request)
     if not_held:
         return _failed(jobs, job_id, stem, not_held)
@@ -347,15 +513,15 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
                              progress=reporter)
         except GenerationCancelled:
             return _cancelled(jobs, job_id, stem, max(reporter.last, 0.0))
-        rendered = render_stem(made.audio, made.sample_rate, bpm=made.plan.bpm,
-                               duration_seconds=duration, beats_per_bar=settings.beats_per_bar,
-                               loop=bool(parameters.get("loop", False)),
+        conformed, anchors = _conform(made, parameters, settings)
+        rendered = finish_stem(conformed.audio, made.sample_rate, conformed.analysis,
                                target_lufs=settings.target_lufs,
-                               max_true_peak_dbtp=settings.max_true_peak_dbtp, output=output)
+                               max_true_peak_dbtp=settings.max_true_peak_dbtp, output=output,
+                               loop=bool(parameters.get("loop", False)))
         jobs.update_stem(job_id, stem, "running", 0.95)
-        return _store_stem(settings, jobs, job_id, request, stem, rendered, made.plan,
-                           device=made.device, prompt=made.prompt, conditioning=made.conditioning,
-                           generation_seconds=round(made.seconds, 3))
+        return _store_stem(settings, jobs, job_id, request, stem, rendered, made.plan, made.song,
+                           anchors, device=made.device, prompt=made.prompt, conditioning=made.conditioning,
+                           **_generation_extra(made))
     except (StorageUnavailable, *JOBSTORE_UNREACHABLE) as exc:
         retry = _retry_later(self, settings, exc, f"{job_id}/{stem}")
         if retry is None:
@@ -364,6 +530,14 @@ def generate_stem(self, job_id: str, stem: str, request: dict) -> dict:
     except Exception as exc:  # the failure becomes the stem's result; see docstring
         log.exception("stem %s of job %s failed", stem, job_id)
         return _failed(jobs, job_id, stem, f"{exc.__class__.__name__}: {exc}")
+
+
+def _generation_extra(made: _Generation) -> dict:
+    """The result fields that say how a stem was generated (besides device and prompt)."""
+    extra = {"generation_seconds": round(made.seconds, 3)}
+    if made.conditioning_audio is not None:
+        extra["conditioning_audio"] = made.conditioning_audio
+    return extra
 
 
 class _EnsembleProgress:
@@ -392,7 +566,6 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
     settings = self.app.stemgen_settings
     jobs = job_store(self.app)
     parameters = request["parameters"]
-    duration = float(parameters["duration_seconds"])
     results: dict[str, dict] = {}
     not_held = _send_to_model_queue(self, settings, request)
     if not_held:
@@ -414,9 +587,7 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
         except GenerationCancelled:
             return [_cancelled(jobs, job_id, stem) for stem in stems]
         rate = made.sample_rate
-        conformed = conform_clip(made.audio, rate, bpm=made.plan.bpm, duration_seconds=duration,
-                                 beats_per_bar=settings.beats_per_bar,
-                                 loop=bool(parameters.get("loop", False)))
+        conformed, anchors = _conform(made, parameters, settings)
         started = time.perf_counter()
         separator = get_separator(settings)
         parts = separator.separate(conformed.audio, rate, stems)
@@ -435,9 +606,9 @@ def generate_ensemble(self, job_id: str, stems: list[str], request: dict) -> lis
                          f"(threshold {settings.separation_silent_stem_db:g} dB)"] if silent else [])
             try:
                 results[stem] = _store_stem(
-                    settings, jobs, job_id, request, stem, rendered, made.plan, device=made.device,
-                    prompt=made.prompt, arrangement="ensemble", conditioning=made.conditioning,
-                    generation_seconds=round(made.seconds, 3),
+                    settings, jobs, job_id, request, stem, rendered, made.plan, made.song, anchors,
+                    device=made.device, prompt=made.prompt, arrangement="ensemble",
+                    conditioning=made.conditioning, **_generation_extra(made),
                     separation={"model": settings.separation_model, "level_db": round(level_db, 2),
                                 "seconds": round(separation_seconds, 3)},
                     silent=silent, warnings=warnings)
@@ -505,7 +676,18 @@ def job_coherence(job: dict, results: list[dict]) -> dict | None:
     source_key = None
     if record.get("source_audio"):
         source_key = parse_key(record["source_audio"]["key"]["key"])
-    return coherence(analyses, plan_from_record(record), source_key=source_key)
+    block = coherence(analyses, plan_from_record(record), source_key=source_key)
+    fits = []
+    for name, analysis in analyses.items():  # with a song: each harmonic stem against its chords
+        vs_song = analysis.get("vs_song")
+        if vs_song:
+            block["song_chords"] = vs_song["song_chords"]
+            block["stems"][name]["chord_fit_vs_song"] = vs_song["chord_fit"]["mean"]
+            block["stems"][name]["chord_fit_vs_song_per_bar"] = vs_song["chord_fit"]["per_bar"]
+            fits.append(vs_song["chord_fit"]["mean"])
+    if fits:
+        block["mean_chord_fit_vs_song"] = round(float(np.mean(fits)), 3)
+    return block
 
 
 def callback_payload(job: dict, results: list[dict], state: str, coherence_report: dict | None = None) -> dict:
@@ -543,6 +725,7 @@ def finalize_request(self, results: list[dict], job_id: str) -> dict:
     else:
         log.info("job %s finished: %s", job_id, state)
         metrics.job_finished(state)
+    jobs.drop_source_excerpt(job_id)  # the song's samples were for the stems only
     job = jobs.get(job_id)
     if job["callback"]["url"] and not job["delivery_enqueued"]:
         deliver_callback.delay(job_id)

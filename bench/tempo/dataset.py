@@ -10,6 +10,11 @@ every note. Parts:
 - strummed chords: Karplus-Strong strings (Karplus & Strong 1983), 6 strings staggered like a
   real down/up strum.
 
+Drumless clips (``build_drumless_item``) hold sparse and syncopated tonal material only: bass
+lines off the beat (notes on 1, the "and" of 2, the "and" of 3 and 4, and other syncopations, each
+note held until the next), sustained pads (additive, 30 ms attack, a chord per bar) and arpeggios
+with ties (Karplus-Strong, eighth-note positions with some held over).
+
 Every note starts on an 8th-note position, so an 8th-note grid is the right yardstick for the
 output. Clips start somewhere inside the bar before the first downbeat (a pickup), as generated
 audio does.
@@ -47,6 +52,10 @@ _GROOVES = {
 }
 
 _BASS_RHYTHMS = ([0, 2, 4, 6], [0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 6], [0, 2, 3, 4, 6, 7])
+#: syncopated bass lines: notes tied over the beat ("1, and-of-2, and-of-3, 4" first)
+_SYNC_BASS_RHYTHMS = ([0, 3, 5, 6], [0, 3, 6], [0, 2, 3, 5, 7], [0, 5, 6], [0, 1, 3, 6])
+#: arpeggios with ties: the 8th-note slots where a chord tone starts
+_ARP_RHYTHMS = ([0, 1, 3, 4, 5, 7], [0, 2, 3, 5, 6], [0, 1, 2, 3, 5, 6, 7])
 _STRUM_RHYTHMS = ([0, 2, 4, 6], [0, 2, 3, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 6])
 
 # guitar open-chord voicings (MIDI notes, low string first) and bass roots (MIDI)
@@ -61,7 +70,8 @@ _PROGRESSIONS = (("C", "G", "Am", "F"), ("G", "D", "Em", "C"), ("Am", "F", "C", 
 @dataclass(frozen=True)
 class Clip:
     name: str
-    kind: str                 # "drums", "drums+bass", "full", "bass+strum"
+    kind: str                 # "drums", "drums+bass", "full", "bass+strum"; drumless: "bass-sync",
+    #                           "pad+bass-sync", "arp+bass-sync", "arp"
     audio: np.ndarray         # float32 [channels, samples]
     sample_rate: int          # Hz
     beat_times: np.ndarray    # true quarter-note times in the clip, seconds (before jitter)
@@ -204,7 +214,8 @@ def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, c
         return float(np.clip(rng.normal(0.0, jitter_s), -3 * jitter_s, 3 * jitter_s))
 
     parts = {"drums": ("drums",), "drums+bass": ("drums", "bass"), "full": ("drums", "bass", "strum"),
-             "bass+strum": ("bass", "strum")}[kind]
+             "bass+strum": ("bass", "strum"), "bass-sync": ("sync-bass",), "pad+bass-sync": ("pad", "sync-bass"),
+             "arp+bass-sync": ("arp", "sync-bass"), "arp": ("arp",)}[kind]
 
     if "drums" in parts:
         kit_name = (ACOUSTIC_KITS + ELECTRONIC_KITS)[rng.integers(len(ACOUSTIC_KITS) + len(ELECTRONIC_KITS))]
@@ -242,6 +253,50 @@ def make_clip(index: int, *, duration: float = 30.0, sample_rate: int = 32000, c
             note = _bass_note(_midi_hz(root), max(length, 64), sr)
             _place(out, note, time_of(pos) + jit(), sr, 0.5 * float(rng.uniform(0.8, 1.0)), 0.5)
         kind_name += ":bass"
+
+    if "sync-bass" in parts:
+        rhythm = _SYNC_BASS_RHYTHMS[index % len(_SYNC_BASS_RHYTHMS)]
+        events = [(bar, s) for bar in range(first_bar, last_bar + 1) for s in rhythm]
+        for k, (bar, slot) in enumerate(events):
+            pos = bar * BEATS_PER_BAR + slot / 2
+            nxt = events[k + 1][0] * BEATS_PER_BAR + events[k + 1][1] / 2 if k + 1 < len(events) else pos + 1
+            if pos < q0 - 1:
+                continue
+            root = _CHORDS[progression[bar % 4]][1] + (7 if k % len(rhythm) == len(rhythm) - 1 else 0)
+            length = int((time_of(nxt) - time_of(pos)) * sr * 0.97)   # held until the next note
+            _place(out, _bass_note(_midi_hz(root), max(length, 64), sr), time_of(pos) + jit(), sr,
+                   0.5 * float(rng.uniform(0.8, 1.0)), 0.5)
+        kind_name += ":" + "-".join(str(s) for s in rhythm)
+
+    if "pad" in parts:
+        for bar in range(first_bar, last_bar + 1):
+            start = time_of(bar * BEATS_PER_BAR)
+            end = time_of((bar + 1) * BEATS_PER_BAR)
+            if end < 0:
+                continue
+            length = int((end - start) * sr)
+            t = np.arange(length) / sr
+            env = np.minimum(1.0, t / 0.03) * np.minimum(1.0, (length - np.arange(length)) / (0.03 * sr))
+            tone = np.zeros(length)
+            for note in _CHORDS[progression[bar % 4]][0][1:5]:
+                for k in range(1, 5):
+                    tone += np.sin(2 * np.pi * _midi_hz(note) * k * t) / k ** 1.2
+            _place(out, (0.05 * tone * env).astype(np.float32), start, sr, 1.0, 0.5)
+
+    if "arp" in parts:
+        rhythm = _ARP_RHYTHMS[index % len(_ARP_RHYTHMS)]
+        bank_arp: dict[int, np.ndarray] = {}
+        for bar in range(first_bar, last_bar + 1):
+            notes = _CHORDS[progression[bar % 4]][0][1:]
+            for j, slot in enumerate(rhythm):
+                pos = bar * BEATS_PER_BAR + slot / 2
+                if pos < q0 - 1:
+                    continue
+                note = notes[j % len(notes)] + 12
+                if note not in bank_arp:
+                    bank_arp[note] = _pluck(_midi_hz(note), int(1.0 * sr), sr, rng, decay=0.994)
+                _place(out, bank_arp[note], time_of(pos) + jit(), sr, 0.25 * float(rng.uniform(0.8, 1.0)), 0.5)
+        kind_name += ":arp" + "-".join(str(s) for s in rhythm)
 
     if "strum" in parts:
         rhythm = _STRUM_RHYTHMS[rng.integers(len(_STRUM_RHYTHMS))]
@@ -317,3 +372,16 @@ def build_join_item(index: int, *, seed: int = 0) -> Clip:
     clip = make_clip(1000 + index, duration=duration, sample_rate=sr, channels=ch,
                      kind=kinds[index % len(kinds)], seed=seed, joins=window_joins(duration))
     return dataclasses.replace(clip, name=f"J{index}")
+
+
+DRUMLESS_KINDS = ("bass-sync", "pad+bass-sync", "arp+bass-sync", "arp")
+
+
+def build_drumless_item(index: int, *, duration: float = 30.0, seed: int = 0) -> Clip:
+    """Drumless clip ``index``: sparse and syncopated tonal material (``DRUMLESS_KINDS``, cycled;
+    syncopation patterns and arpeggio rhythms cycled too), 32 kHz mono, every 4th 44.1 kHz stereo.
+    Its random stream is apart from the other sets'."""
+    sr, ch = (44100, 2) if index % 4 == 3 else (32000, 1)
+    clip = make_clip(2000 + index, duration=duration, sample_rate=sr, channels=ch,
+                     kind=DRUMLESS_KINDS[index % len(DRUMLESS_KINDS)], seed=seed)
+    return dataclasses.replace(clip, name=f"D{index}")

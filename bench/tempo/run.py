@@ -1,4 +1,4 @@
-"""Tempo conform bench runner (``python -m bench.tempo [--clips N] [--join-clips N] [--jobs J] [--seed S] [--strict]``).
+"""Tempo conform bench runner (``python -m bench.tempo [--clips N] [--join-clips N] [--drumless-clips N] [--jobs J] [--seed S] [--strict]``).
 
 Builds the evaluation set (``dataset.py``: real drum kits + synthetic bass and strums, 1-3 %
 tempo drift, a few ms of timing jitter, 70-160 BPM, target/source 0.75-1.33), conforms every
@@ -16,6 +16,10 @@ the targets hold. ``--strict`` exits 1 when a target is missed.
 The window-join clips (``dataset.build_join_item``: 66-120 s, a phase jump and a tempo step at
 every join of MusicGen's window extension) get their own table, with the grid distance within
 2 s of each join (``evaluate.grid_distance_near``), and are held to the same targets.
+
+The drumless clips (``dataset.build_drumless_item``: syncopated bass lines, pads over them,
+arpeggios with ties, no drums) get their own table against DRUMLESS_TARGETS, printed with every
+run; --strict does not enforce them yet.
 
 The per-clip work lives here, not in ``__main__``, so that spawned pool workers can import it.
 """
@@ -43,6 +47,8 @@ TARGETS = {
     "grid_worst": 30.0,    # ms, worst clip
     "speed": 20.0,         # x real time, 30 s mono 32 kHz, one core
 }
+#: drumless material is held tighter: Rubber Band given the true tempo reaches ~0.3 % and ~23 ms
+DRUMLESS_TARGETS = {"tempo_p90": 0.3, "grid_worst": 20.0}
 #: onsets this close to a window join (seconds, output) make its join grid distance
 JOIN_HALF_WIDTH = 2.0
 METHODS = ("stemgen", "(a) librosa+PV", "(b) RB const true")
@@ -58,6 +64,7 @@ class ClipResult:
     grid_p75: dict[str, float]
     cpu_s: dict[str, float]
     source_detector_ms: float
+    which: str                # "set", "join" or "drumless"
     downbeat_ok: bool
     confidence: float
     duration: float = 30.0
@@ -89,16 +96,18 @@ def _joins_in_output(clip, method: str, downbeat_in: float) -> np.ndarray:
     return beats * 60.0 / clip.target_bpm
 
 
-def _run_clip(args: tuple[int, int, int, float, bool]) -> ClipResult:
-    index, n_clips, seed, duration, join = args
+def _run_clip(args: tuple[int, int, int, float, str]) -> ClipResult:
+    index, n_clips, seed, duration, which = args
     import pedalboard
 
-    from bench.tempo.dataset import build_join_item, build_set_item
+    from bench.tempo.dataset import build_drumless_item, build_join_item, build_set_item
     from bench.tempo.evaluate import detect_onsets, grid_distance_near, score, truth_distance_ms
     from stems.tempo import conform_to_bpm
 
-    if join:
+    if which == "join":
         clip = build_join_item(index, seed=seed)
+    elif which == "drumless":
+        clip = build_drumless_item(index, duration=duration, seed=seed)
     else:
         clip = build_set_item(index, n_clips=n_clips, duration=duration, seed=seed)
     sr, target = clip.sample_rate, clip.target_bpm
@@ -135,6 +144,7 @@ def _run_clip(args: tuple[int, int, int, float, bool]) -> ClipResult:
     whole_bars = (np.count_nonzero(clip.beat_times >= clip.downbeat_times[0] - 1e-9) - 1) // 4
     kept = result.analysis.bars / max(1, whole_bars)
     return ClipResult(name=clip.name, kind=clip.kind, drift=clip.drift_percent, ratio=clip.ratio,
+                      which=which,
                       tempo_err=errs, grid_p75=grids, cpu_s=cpu, source_detector_ms=det_ms,
                       downbeat_ok=downbeat_ok, confidence=result.analysis.confidence,
                       duration=clip.audio.shape[1] / sr, kept=kept, join_p75=join_p75 or None)
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--join-clips", type=int, default=6,
                         help="window-join clips (66-120 s) besides the --clips set")
+    parser.add_argument("--drumless-clips", type=int, default=16,
+                        help="drumless clips (sparse, syncopated tonal material) besides the --clips set")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
 
@@ -201,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s, wall_s, cold_s, long_cpu_s, long_rss_mib = pool.apply(_measure_speed)
 
     # the long join clips first, so that the pool's processes finish together
-    jobs = ([(i, args.clips, args.seed, args.duration, True) for i in range(args.join_clips)]
-            + [(i, args.clips, args.seed, args.duration, False) for i in range(args.clips)])
+    jobs = ([(i, args.clips, args.seed, args.duration, "join") for i in range(args.join_clips)]
+            + [(i, args.clips, args.seed, args.duration, "set") for i in range(args.clips)]
+            + [(i, args.clips, args.seed, args.duration, "drumless") for i in range(args.drumless_clips)])
     with ctx.Pool(max(1, args.jobs)) as pool:
         everything = pool.map(_run_clip, jobs, chunksize=1)
-    joined = [r for r in everything if r.join_p75 is not None]
-    results = [r for r in everything if r.join_p75 is None]
+    joined = [r for r in everything if r.which == "join"]
+    drumless = [r for r in everything if r.which == "drumless"]
+    results = [r for r in everything if r.which == "set"]
 
     err = {m: np.array([r.tempo_err[m] for r in results]) for m in METHODS}
     grid = {m: np.array([r.grid_p75[m] for r in results]) for m in METHODS}
@@ -242,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
           f"core = {speed:.0f}x real time (first call in a process: {cold_s:.1f} s, library start-up); "
           f"120 s in {long_cpu_s:.2f} s CPU = {120.0 / long_cpu_s:.0f}x real time, peak RSS +{long_rss_mib:.0f} MiB")
     join_checks = _report_joins(joined) if joined else []
+    # the drumless targets are printed with every run but not yet enforced by --strict: the worst
+    # clips (arpeggios with ties) also miss them with Rubber Band given the true tempo, see
+    # docs/benchmarks.md
+    drumless_checks = _report_drumless(drumless) if drumless else []
 
     checks = [
         ("median tempo error <= 0.3 %", np.median(err["stemgen"]) <= TARGETS["tempo_median"]),
@@ -252,8 +270,35 @@ def main(argv: list[str] | None = None) -> int:
         (">= 20x real time", speed >= TARGETS["speed"]),
     ] + join_checks
     print("targets: " + "; ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in checks))
+    if drumless_checks:
+        print("drumless targets (not yet enforced by --strict): " +
+              "; ".join(f"{name}: {'PASS' if ok else 'MISS'}" for name, ok in drumless_checks))
     print(f"bench wall time {time.perf_counter() - started:.0f} s")
     return 1 if args.strict and not all(ok for _, ok in checks) else 0
+
+
+def _report_drumless(drumless: list[ClipResult]) -> list[tuple[str, bool]]:
+    """Print the drumless clips' table and per-clip rows; their checks (DRUMLESS_TARGETS)."""
+    err = {m: np.array([r.tempo_err[m] for r in drumless]) for m in METHODS}
+    grid = {m: np.array([r.grid_p75[m] for r in drumless]) for m in METHODS}
+    print(f"drumless clips: {len(drumless)} x 30 s of syncopated bass, pads over syncopated bass and "
+          "arpeggios with ties, no drums")
+    header = (f"{'method':<20} {'tempo err % med':>15} {'p90':>7} {'max':>7} {'grid p75 ms med':>16} "
+              f"{'worst':>7}")
+    print(header)
+    print("-" * len(header))
+    for m in METHODS:
+        print(f"{m:<20} {_fmt(np.median(err[m]), 3):>15} {_fmt(np.percentile(err[m], 90), 3):>7} "
+              f"{_fmt(np.max(err[m]), 3):>7} {_fmt(np.median(grid[m]), 1):>16} {_fmt(np.max(grid[m]), 1):>7}")
+    for r in drumless:
+        print(f"  {r.name:<4} {r.kind:<34} stemgen tempo err {r.tempo_err['stemgen']:.3f} %, grid p75 "
+              f"{r.grid_p75['stemgen']:.1f} ms, confidence {r.confidence:.2f}, downbeat "
+              f"{'found' if r.downbeat_ok else 'missed'}")
+    return [
+        ("drumless: p90 tempo error <= 0.3 %",
+         np.percentile(err["stemgen"], 90) <= DRUMLESS_TARGETS["tempo_p90"]),
+        ("drumless: worst grid p75 <= 20 ms", np.max(grid["stemgen"]) <= DRUMLESS_TARGETS["grid_worst"]),
+    ]
 
 
 def _report_joins(joined: list[ClipResult]) -> list[tuple[str, bool]]:

@@ -32,6 +32,11 @@ def job_key(job_id: str) -> str:
     return f"{_PREFIX}:job:{job_id}"
 
 
+def source_excerpt_key(job_id: str) -> str:
+    """The job's conditioning excerpt of its song (tasks.song_source), kept as long as the job."""
+    return f"{_PREFIX}:source-excerpt:{job_id}"
+
+
 def request_key(generation_request_id: str, owner: str = "") -> str:
     """The idempotency claim of a generation_request_id: one per API key (``owner``); without keys
     (an open API) the one global claim, as before claims were per key."""

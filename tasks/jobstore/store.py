@@ -3,6 +3,7 @@ operations of its mixins (see tasks.jobstore)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import secrets
@@ -25,7 +26,8 @@ from tasks.jobstore.records import (EVENTS_KEEP_AFTER_FINISH_SECONDS, EVENTS_MAX
                                     STEM_STATES, IdempotencyConflict, JobEvent, JobFinished,
                                     JobNotFound, Submission, _event_data, _stem_states,
                                     canonical_json, event_id_key, events_key, job_key,
-                                    request_fingerprint, request_key)
+                                    request_fingerprint, request_key,
+                                    source_excerpt_key)
 
 
 class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin, StagingMixin):
@@ -208,6 +210,36 @@ class JobStore(OutboxMixin, DeliveryMixin, OwnerIndexMixin, StagingMixin):
             "redis.call('HSETNX', KEYS[1], 'plan', ARGV[1]) return redis.call('HGET', KEYS[1], 'plan')",
             1, self._job_key(job_id), json.dumps(plan, separators=(",", ":")))
         return json.loads(stored)
+
+    def record_source(self, job_id: str, source: dict, plan: dict | None,
+                      excerpt: bytes | None = None) -> dict:
+        """Record the job's analysed song once (tasks.song_source): its source record, the plan
+        made from it (replacing one made at submission, which it extends) and the conditioning
+        excerpt (kept as long as the job). The first record wins; returns the recorded one."""
+        stored = self._redis.eval(
+            "if redis.call('HSETNX', KEYS[1], 'source', ARGV[1]) == 1 then"
+            "  if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'plan', ARGV[2]) end"
+            "  if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end "
+            "end return redis.call('HGET', KEYS[1], 'source')",
+            2, self._job_key(job_id), source_excerpt_key(job_id),
+            json.dumps(source, separators=(",", ":")),
+            json.dumps(plan, separators=(",", ":")) if plan is not None else "",
+            base64.b64encode(excerpt).decode() if excerpt else "", self.ttl)
+        return json.loads(stored)
+
+    def source_of(self, job_id: str) -> dict | None:
+        """The job's recorded source (``record_source``), or None before its analysis."""
+        raw = self._redis.hget(self._job_key(job_id), "source")
+        return json.loads(raw) if raw else None
+
+    def drop_source_excerpt(self, job_id: str) -> None:
+        """Forget the job's conditioning excerpt (the job is finished: no stem needs it)."""
+        self._redis.delete(source_excerpt_key(job_id))
+
+    def source_excerpt(self, job_id: str) -> bytes | None:
+        """The job's conditioning excerpt (``record_source``), or None."""
+        raw = self._redis.get(source_excerpt_key(job_id))
+        return base64.b64decode(raw) if raw else None
 
     def finish(self, job_id: str, state: str, callback_payload: dict) -> bool:
         """Record the job's final state and the callback body that reports it, once: returns

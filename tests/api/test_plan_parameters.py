@@ -71,3 +71,64 @@ def test_openapi_documents_the_plan(client):
         assert name in properties
     assert "plan" in schemas["JobStatus"]["properties"]
     assert "coherence" in schemas["CallbackBody"]["properties"]
+
+
+def song(**extra):
+    return {"condition_on_audio": True, **extra}
+
+
+@pytest.mark.parametrize("region", [
+    {"start_bar": 5, "bars": 8},
+    {"start_seconds": 12.5},
+    {"start_seconds": 0, "bars": 4},
+    {"bars": 2},
+])
+def test_source_region_forms_are_accepted(client, service, region):
+    parameters = song(source_region=region, duration_seconds=8.0)
+    r = client.post("/generate", json=body(parameters=parameters))
+    assert r.status_code == 202, r.json
+    submitted = service.submitted[0][0]["parameters"]
+    assert {k: v for k, v in submitted["source_region"].items() if v is not None} == region
+    assert submitted["source_mode"] == "accompany"
+
+
+def test_bars_make_duration_optional(client, service):
+    r = client.post("/generate", json=body(parameters=song(source_region={"start_bar": 3, "bars": 4},
+                                                           source_mode="continue")))
+    assert r.status_code == 202, r.json
+    submitted = service.submitted[0][0]["parameters"]
+    assert submitted["duration_seconds"] is None and submitted["source_mode"] == "continue"
+
+
+@pytest.mark.parametrize("parameters, field, words", [
+    (song(source_region={"start_bar": 1, "bars": 0}, duration_seconds=8.0),
+     "parameters.source_region.bars", "greater than or equal to 1"),
+    (song(source_region={"start_bar": 0}, duration_seconds=8.0),
+     "parameters.source_region.start_bar", "greater than or equal to 1"),
+    (song(source_region={"start_seconds": -1.0}, duration_seconds=8.0),
+     "parameters.source_region.start_seconds", "greater than or equal to 0"),
+    (song(source_region={"start_seconds": 600.0}, duration_seconds=8.0),
+     "parameters.source_region.start_seconds", "SOURCE_AUDIO_MAX_SECONDS"),
+    (song(source_region={"start_bar": 2, "start_seconds": 4.0}, duration_seconds=8.0),
+     "parameters.source_region", "not both"),
+    (song(source_region={"start_bar": 2, "beats": 4}, duration_seconds=8.0),
+     "parameters.source_region.beats", "Extra inputs"),
+    (song(source_region={"start_bar": True}, duration_seconds=8.0),
+     "parameters.source_region.start_bar", "boolean"),
+    (song(source_region={"start_bar": 2}), "parameters.duration_seconds", "source_region gives bars"),
+    (song(), "parameters.duration_seconds", "source_region gives bars"),
+    (song(source_region={"bars": 64}, target_bpm=120.0),
+     "parameters.source_region", "MAX_DURATION_SECONDS"),
+    (song(source_mode="sideways", duration_seconds=8.0), "parameters.source_mode", ""),
+    ({"target_bpm": 120, "duration_seconds": 8.0, "source_region": {"start_bar": 2}},
+     "parameters.source_region", "condition_on_audio"),
+    ({"target_bpm": 120, "duration_seconds": 8.0, "source_mode": "continue"},
+     "parameters.source_mode", "condition_on_audio"),
+])
+def test_invalid_source_region_is_named(client, service, parameters, field, words):
+    r = client.post("/generate", json=body(parameters=parameters))
+    assert r.status_code == 422, r.json
+    fields = r.json["error"]["fields"]
+    assert [f["field"] for f in fields] == [field]
+    assert words in fields[0]["message"]
+    assert not service.submitted

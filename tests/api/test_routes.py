@@ -213,7 +213,10 @@ def test_openapi_generated_from_schemas(client):
     # optional (it may come from the source audio): a number in range, or null
     bpm = next(s for s in params["properties"]["target_bpm"]["anyOf"] if s["type"] == "number")
     assert bpm["minimum"] == 40 and bpm["maximum"] == 240
-    assert params["properties"]["duration_seconds"]["maximum"] == 30
+    # optional (a source_region may give bars instead): a number up to the configured max, or null
+    duration = next(s for s in params["properties"]["duration_seconds"]["anyOf"]
+                    if s["type"] == "number")
+    assert duration["maximum"] == 30 and "duration_seconds" not in params.get("required", [])
     assert doc["components"]["schemas"]["GenerateRequest"]["required"] == [
         "generation_request_id", "audio_file_id", "target_stems", "parameters"]
     assert "422" in doc["paths"]["/generate"]["post"]["responses"]

@@ -146,9 +146,14 @@ def test_conditioned_on_the_users_song(stack, receiver):
     assert plan["source"] == "source-audio"
     assert plan["source_audio"]["origin"].endswith("/song-1")
     assert plan["key"] == plan["source_audio"]["key"]["key"]
+    assert plan["overrides"] == {}
     for stem in payload["stems"]:
-        assert stem["conditioning"] == "continuation"  # a text model continues the song
+        # accompany (the default): a text model has the song's key and chords in its prompt only
+        assert stem["conditioning"] is None
         assert stem["bpm"] == plan["bpm"]
+        assert stem["source_region"]["start_bar"] == 1 and stem["tempo"]["grid"] == "song-beats"
+    bass = next(s for s in payload["stems"] if s["stem"] == "bass")
+    assert plan["key"] in bass["prompt"]
     assert "source_key" in payload["coherence"]
 
 

@@ -306,8 +306,10 @@ def test_analysis_is_json_serialisable():
     assert isinstance(a, TempoAnalysis)
     d = json.loads(json.dumps(a.to_dict()))
     assert set(d) == {"target_bpm", "source_bpm", "confidence", "method", "stretch_ratio_min", "stretch_ratio_max",
-                      "beats_per_bar", "bars", "downbeat_offset_seconds", "padded_seconds", "duration_seconds"}
+                      "beats_per_bar", "bars", "downbeat_offset_seconds", "padded_seconds", "duration_seconds",
+                      "grid"}
     assert 0.0 <= d["confidence"] <= 1.0
+    assert d["grid"] == "constant-bpm"
 
 
 def test_conform_file_writes_24_bit_wav(tmp_path):

@@ -128,20 +128,43 @@ def test_the_thread_survives_a_lost_job_store(store):
     assert not thread._thread.is_alive()
 
 
+class _Sent:
+    """A canvas that records what was sent instead of publishing it."""
+
+    def __init__(self, sent: list, *parts):
+        self.sent, self.parts = sent, parts
+
+    def apply_async(self):
+        self.sent.append(self.parts)
+
+
 def test_send_job_chord_sends_the_stems_then_finalize(store, monkeypatch):
-    chords = []
-    monkeypatch.setattr(stem_tasks, "chord", lambda header: lambda body: chords.append((list(header), body)))
+    sent = []
+    monkeypatch.setattr(stem_tasks, "chord", lambda header, body: _Sent(sent, list(header), body))
     job_id = new_job(store)
     job = store.get(job_id)
     stem_tasks.send_job_chord(job)
-    header, body = chords[0]
-    assert [(s.task, s.args) for s in header] == [
-        ("stemgen.generate_stem", (job_id, "bass", job["request"])),
-        ("stemgen.generate_stem", (job_id, "drums", job["request"]))]
+    header, body = sent[0]
+    assert [(s.task, s.args, s.immutable) for s in header] == [
+        ("stemgen.generate_stem", (job_id, "bass", job["request"]), True),
+        ("stemgen.generate_stem", (job_id, "drums", job["request"]), True)]
     # finalize gets the stem results first (a mutable signature), then the job id
     assert (body.task, body.args, body.immutable) == ("stemgen.finalize_request", (job_id,), False)
     app = stem_tasks.app
     assert app.amqp.router.route({}, "stemgen.generate_stem")["queue"].name == app.stemgen_settings.stems_queue
+
+
+def test_a_song_is_analysed_once_before_the_stems(store, monkeypatch):
+    sent = []
+    monkeypatch.setattr(stem_tasks, "chord", lambda header, body: ("chord", list(header), body))
+    monkeypatch.setattr(stem_tasks, "chain", lambda *steps: _Sent(sent, *steps))
+    job = store.get(new_job(store))
+    job["request"]["parameters"]["condition_on_audio"] = True
+    stem_tasks.send_job_chord(job)
+    first, then = sent[0]
+    assert (first.task, first.args) == ("stemgen.analyse_source", (job["job_id"], job["request"]))
+    assert then[0] == "chord" and [s.task for s in then[1]] == ["stemgen.generate_stem"] * 2
+    assert first.options["queue"] == then[1][0].options["queue"]
 
 
 def test_overdue_deliveries_are_sent_again_once_per_grace_period(store):

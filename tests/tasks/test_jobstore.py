@@ -2,6 +2,7 @@
 
 import pytest
 
+from tasks.jobstore.records import source_excerpt_key
 from tasks.jobstore import IdempotencyConflict, JobNotFound, JobStore, request_fingerprint
 from tests.harness import REDIS
 
@@ -86,3 +87,24 @@ def test_finished_job_exposes_error_and_coherence(store):
     assert store.get(job_id)["error"] is None and store.get(job_id)["coherence"] is None
     store.finish(job_id, "failed", {"error": "bass: no source audio", "coherence": None})
     assert store.get(job_id)["error"] == "bass: no source audio"
+
+
+def test_the_songs_analysis_is_recorded_once_with_its_plan_and_excerpt(store):
+    job_id = store.create(req(), ["bass", "drums"], None, {"key": "A minor", "bpm": 120.0}).job_id
+    assert store.source_of(job_id) is None and store.source_excerpt(job_id) is None
+    first = store.record_source(job_id, {"grid": "song-beats"}, {"key": "A minor", "bpm": 120.0,
+                                                                  "source_audio": {"bpm": 119.8}},
+                                b"\x00\x01flac")
+    assert first == {"grid": "song-beats"}
+    # a second analysis (a redelivered message) changes nothing
+    again = store.record_source(job_id, {"grid": "constant-bpm"}, {"key": "C major"}, b"other")
+    assert again == first == store.source_of(job_id)
+    assert store.get(job_id)["plan"] == {"key": "A minor", "bpm": 120.0, "source_audio": {"bpm": 119.8}}
+    assert store.source_excerpt(job_id) == b"\x00\x01flac"
+    assert 0 < store._redis.ttl(source_excerpt_key(job_id)) <= 60  # at most as long as the job
+    store.drop_source_excerpt(job_id)  # the job finished
+    assert store.source_excerpt(job_id) is None and store.source_of(job_id) == first
+    # a failed analysis records its error and leaves the plan as it was
+    other = store.create(req("gen-2"), ["bass"], None).job_id
+    assert store.record_source(other, {"error": "no source audio"}, None) == {"error": "no source audio"}
+    assert store.get(other)["plan"] is None and store.source_excerpt(other) is None

@@ -2,6 +2,7 @@
 and limits are its own; the limits hold under concurrent submissions from separate clients."""
 
 import json
+from types import SimpleNamespace
 import threading
 
 import pytest
@@ -164,7 +165,8 @@ def test_the_chord_carries_the_owner_for_the_source_song(store, monkeypatch):
 
     job_id = store.create(req(), ["bass"], None, owner=A).job_id
     chords = []
-    monkeypatch.setattr(stem_tasks, "chord", lambda header: lambda body: chords.append(list(header)))
+    monkeypatch.setattr(stem_tasks, "chord", lambda header, body: SimpleNamespace(
+        apply_async=lambda: chords.append(list(header))))
     stem_tasks.send_job_chord(store.get(job_id))
     (signature,) = chords[0]
     assert signature.args[2]["owner"] == A

@@ -138,3 +138,35 @@ def test_an_ensemble_whose_unstored_stems_are_kept_uploads_them_without_generati
     assert store.staged_rendered(job_id, "drums") is None
     assert store.get(job_id)["stems"][1]["status"] == "completed"
     store._redis.flushdb()
+
+
+def test_harmonic_stems_are_measured_against_the_songs_chords_and_key():
+    """A request that overrides the song's chords: a stem that plays the plan fits the plan's
+    chords, and its fit against the song's own chords (another progression) is reported apart."""
+    from types import SimpleNamespace
+
+    from stems.analysis import stem_analysis
+    from stems.plan import render_chords
+    from tasks.planning import make_job_plan, plan_from_record
+    from tasks.stem_tasks import _vs_song
+
+    song = {"report": {"key": {"key": "E minor", "confidence": 0.9}, "bpm": 120.0},
+            "region": {"bars": 4, "bpm": 120.0, "chords": ["Em", "Em", "B", "B"]},
+            "grid": "song-beats"}
+    request = {"generation_request_id": "g", "parameters": {
+        "condition_on_audio": True, "chords": ["G", "C", "D", "G"], "duration_seconds": 8}}
+    record = make_job_plan(request, 4, song)
+    assert record["chords"] == ["G", "C", "D", "G"] and record["overrides"]["chords"]["song"][0] == "Em"
+    plan = plan_from_record(record)
+    audio = render_chords(plan, 32000)
+    analysis = stem_analysis(audio, 32000, plan, harmonic=True)
+    analysis["vs_song"] = _vs_song(SimpleNamespace(audio=audio, sample_rate=32000), plan, song, analysis)
+    vs_song = analysis["vs_song"]
+    assert vs_song["song_key"] == "E minor" and vs_song["song_chords"] == ["Em", "Em", "B", "B"]
+    assert vs_song["key_vs_song"] == "relative"  # the stem is in G major
+    assert vs_song["chord_fit"]["mean"] < analysis["chord_fit"]["mean"] - 0.2
+    report = job_coherence({"plan": record}, [{"stem": "guitar", "status": "completed",
+                                               "analysis": analysis}])
+    assert report["song_chords"] == ["Em", "Em", "B", "B"]
+    assert report["stems"]["guitar"]["chord_fit_vs_song"] == vs_song["chord_fit"]["mean"]
+    assert report["mean_chord_fit_vs_song"] == round(vs_song["chord_fit"]["mean"], 3)
