@@ -68,6 +68,14 @@ def loaded() -> list[dict]:
             for (m, _), e in _engines.items()]
 
 
+def decoding_precision(model: str) -> str | None:
+    """The precision the process's engine of ``model`` decodes in (None: not loaded here)."""
+    for (name, _), engine in list(_engines.items()):
+        if name == model:
+            return engine.precision
+    return None
+
+
 def get_batcher(settings) -> StemBatcher:
     """The process's batcher over the engine of ``settings`` (see stems.batching)."""
     key = (settings.musicgen_model, settings.stemgen_device)

@@ -35,7 +35,7 @@ from tasks.app import app
 from tasks.callback_target import CallbackPolicy
 from tasks.callbacks import CallbackRetryableError, CallbackError, post_callback
 from tasks.jobstore import JobNotFound, JobStore
-from tasks.model_cache import get_batcher, get_separator
+from tasks.model_cache import decoding_precision, get_batcher, get_separator
 from tasks.planning import conditioning_for, make_job_plan, plan_from_record
 from tasks.source_audio import load_source
 
@@ -185,7 +185,9 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
     metadata = rendered.metadata()
     warnings = list(extra.pop("warnings", None) or []) + metadata.pop("warnings", [])
     result = {"stem": stem, "status": "completed", "blob_name": stored.blob_name, "url": stored.url,
-              "bpm": plan.bpm, "model": settings.musicgen_model, **extra,
+              "bpm": plan.bpm, "model": settings.musicgen_model,
+              # a seeded request repeats exactly only at the same precision (docs/decoding.md)
+              "precision": decoding_precision(settings.musicgen_model), **extra,
               **metadata, "analysis": analysis}
     if warnings or "silent" in extra:  # (an ensemble stem always lists its warnings)
         result["warnings"] = warnings

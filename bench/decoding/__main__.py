@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 
@@ -45,6 +46,7 @@ def parse_args(argv):
                    help="engine modes (default: eager,exact,static on CPU; eager,static,graph on CUDA)")
     p.add_argument("--precisions", default=None,
                    help="ENGINE_PRECISION values (default: float32,bfloat16,int8 on CPU; float16,bfloat16 on CUDA)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating timing rounds (median)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 s, batches 1,3, every precision")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when exact ≠ eager or graph ≠ static (tokens, bitwise, same precision)")
@@ -70,6 +72,12 @@ def _peak_memory(torch, device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA allocated)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
+def _rss_gib() -> float:
+    """The process's resident memory now (GiB, /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def _timed(engine, rows: int, duration: float, seed: int = 0):
@@ -146,28 +154,47 @@ def main(argv: list[str] | None = None) -> int:
     source = "tiny" if args.model == "tiny" else str(checkpoint_dir(args.model))
     print(f"bench.decoding: musicgen-{args.model} architecture (random weights) on {device}, "
           f"torch {torch.__version__}, {args.duration:g} s per row, batches {batches}")
-    baseline = None  # (tokens, logits, mask, log-likelihood) of float32 eager
-    eager_tokens = {}
+    engines = {}
     for mode, precision in runs:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        rss = _rss_gib()
         started = time.perf_counter()
         try:
             engine = StemEngine(source, device=device, mode=mode, precision=precision,
                                 buckets=batch_buckets(max(batches)))
         except ValueError as exc:
-            print(f"\n[{mode} {precision}] refused: {exc}")
+            print(f"[{mode} {precision}] refused: {exc}")
             continue
         loaded = time.perf_counter() - started
         captured = engine.warm_up(batch_size=max(batches) if mode == "graph" else 1)
-        print(f"\n[{mode} {precision}] load {loaded:.1f} s, CUDA graph capture {captured:.1f} s "
-              f"({engine.decoder.stats.graphs if engine.decoder else 0} graphs)")
-        for rows in batches:
-            wall, per_step = _timed(engine, rows, args.duration)
-            print(f"  batch {rows:>3}: {per_step:8.2f} ms/step  {rows * args.duration / wall:8.2f} audio-s/s"
-                  f"  call {wall:7.2f} s")
-        print(f"  peak memory {_peak_memory(torch, device)}")
+        print(f"[{mode} {precision}] load {loaded:.1f} s, CUDA graph capture {captured:.1f} s "
+              f"({engine.decoder.stats.graphs if engine.decoder else 0} graphs), "
+              f"{_peak_memory(torch, device) if cuda else f'RSS +{_rss_gib() - rss:.2f} GiB'}")
+        engines[(mode, precision)] = engine
+    # timing: the engines alternate within each round, so a shared box's load falls on all alike
+    print(f"\nms per decoding step, median of {args.rounds} alternating round(s); ratio: float32 eager / this")
+    for rows in batches:
+        times = {key: [] for key in engines}
+        walls = {key: [] for key in engines}
+        for _ in range(args.rounds):
+            for key, engine in engines.items():
+                wall, per_step = _timed(engine, rows, args.duration)
+                times[key].append(per_step)
+                walls[key].append(wall)
+        base = statistics.median(times[("eager", "float32")])
+        for (mode, precision), values in times.items():
+            step = statistics.median(values)
+            wall = statistics.median(walls[(mode, precision)])
+            print(f"  batch {rows:>3} {mode:>6} {precision:>8}: {step:8.2f} ms/step ({base / step:5.2f}x)"
+                  f"  {rows * args.duration / wall:7.2f} audio-s/s  call {wall:7.2f} s"
+                  f"  [{', '.join(f'{v:.1f}' for v in values)}]")
+    baseline = None  # (logits, mask, log-likelihood) of float32 eager
+    eager_tokens = {}
+    print()
+    for (mode, precision), engine in engines.items():
+        print(f"[{mode} {precision}]")
         if cuda:
             print(f"  {_profile_step(engine, torch)}")
         tokens = _tokens(engine, min(args.duration, 5.0))
@@ -198,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  against float32 eager: logit relative error {error:.2e}, teacher-forced token "
                   f"agreement {100 * forced:.2f}%, free-running token agreement {100 * free:.2f}%, "
                   f"log-likelihood of its tokens {ll:.4f} vs {baseline[2]:.4f} (gap {ll - baseline[2]:+.4f})")
-        del engine
     if failures:
         print("\nFAILED: " + "; ".join(failures))
         return 1 if args.strict else 0
