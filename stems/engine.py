@@ -36,6 +36,10 @@ class GenerationError(RuntimeError):
     """MusicGen failed while generating."""
 
 
+class _SelfCheckFailed(Exception):
+    """The start self-check could not compare (its reason goes to the result)."""
+
+
 ProgressCallback = Callable[[float], None]
 
 
@@ -373,7 +377,7 @@ class StemEngine:
             self.self_check_result = result
             return result
         torch = self._torch
-        prompts = ["self check, guitar", "self check, drums"]
+        prompts = ["self check, guitar", "self check, drums"][:decoder.buckets[-1]]
         model = self._model
 
         def tokens():
@@ -388,6 +392,8 @@ class StemEngine:
             decoder.recorded = []
             try:
                 first = tokens()
+                if not decoder.recorded:  # the generation fell back to audiocraft's generate
+                    raise _SelfCheckFailed(f"the static step did not run: {decoder.stats.last_fallback}")
                 static, eager = teacher_forced(decoder)
                 if decoder.graphs:
                     decoder.graphs = False
@@ -397,9 +403,12 @@ class StemEngine:
                         decoder.graphs = True
                     if not torch.equal(first, uncaptured):
                         result["reason"] = "CUDA-graph replay differs from the uncaptured static step"
+            except _SelfCheckFailed as exc:
+                result["reason"] = str(exc)
             finally:
                 decoder.recorded = None
-        result.update(compare(static, eager))
+        if result["reason"] is None:
+            result.update(compare(static, eager))
         if result["reason"] is None and not result["relative_error"] <= result["tolerance"]:
             result["reason"] = (f"static step logits {result['relative_error']:.2e} from audiocraft's "
                                 f"eager forward, above the tolerance {result['tolerance']:.0e}")

@@ -46,6 +46,7 @@ def parse_args(argv):
                    help="engine modes (default: eager,exact,static on CPU; eager,static,graph on CUDA)")
     p.add_argument("--precisions", default=None,
                    help="ENGINE_PRECISION values (default: float32,bfloat16,int8 on CPU; float16,bfloat16 on CUDA)")
+    p.add_argument("--profile", action="store_true", help="on CPU, the top ops of a batch-1 call")
     p.add_argument("--rounds", type=int, default=1, help="alternating timing rounds (median)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 s, batches 1,3, every precision")
     p.add_argument("--strict", action="store_true",
@@ -131,6 +132,19 @@ def _profile_step(engine, torch) -> str:
             f"of the call ({steps} steps incl. prefill and EnCodec decode)")
 
 
+def _profile_cpu(engine, torch, top: int = 8) -> str:
+    """The ops that take a batch-1 generation's CPU time (torch.profiler, self time, 20 steps
+    including the prefill and EnCodec decode)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.generate(PROMPTS[:1], 20 / 50, seed=0)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return "profile (self CPU): " + ", ".join(
+        f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:top])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{mode} {precision}]")
         if cuda:
             print(f"  {_profile_step(engine, torch)}")
+        elif args.profile:
+            print(f"  {_profile_cpu(engine, torch)}")
         tokens = _tokens(engine, min(args.duration, 5.0))
         if mode == "eager":
             eager_tokens[precision] = tokens
