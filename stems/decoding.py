@@ -26,10 +26,15 @@ This module decodes the same model the way gpt-fast (pytorch-labs) decodes LLaMA
 Two shapes of the same step:
 
 - ``exact``: no padding, attention over exactly the past (dynamic shapes, no graphs). On the same
-  device it gives bitwise the same tokens as audiocraft's eager generate (tests pin this on CPU).
+  device and precision it gives bitwise the same tokens as audiocraft's eager generate (tests pin
+  this on CPU for float32, float16, bfloat16 and int8).
 - ``static``: bucket padding and masked attention over a fixed length, what a graph captures. On
-  CPU it runs eagerly (tested there); its tokens agree with eager ones where the arithmetic of a
-  different batch shape allows (reported by ``bench.decoding``).
+  CPU it runs eagerly; in float32 its tokens are eager's bit for bit, in a half layout its logits
+  stay within ``TOLERANCE`` of audiocraft's eager forward (a padded batch changes a half-precision
+  matmul's shapes, hence its rounding).
+
+Every step runs under the precision layout's autocast (stems.precision), as audiocraft's generate
+does, so the casts happen where audiocraft's happen.
 
 Architectures outside what the step implements (rotary or no positional embedding, post-norm
 layers, grouped key/values, local attention, two-step guidance, ``sum`` fusing) fall back to
