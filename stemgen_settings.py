@@ -99,9 +99,13 @@ class Settings(BaseSettings):
     #: bitwise the same tokens as eager), "static" (batch padded to a bucket, fixed shapes),
     #: "graph" (static steps replayed as CUDA graphs captured at worker start; CUDA only).
     engine_mode: Literal["auto", "eager", "exact", "static", "graph"] = "auto"
-    #: Language-model weights' dtype: "auto" (float16 on CUDA in the static/graph modes, else
-    #: float32), "float32", "float16", "bfloat16".
-    engine_precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    #: The language model's precision layout (stems.precision, docs/decoding.md#precision): "auto"
+    #: (float16 on CUDA; bfloat16 on a CPU with native bfloat16, else float32), "float32",
+    #: "float16", "bfloat16", "int8" (CPU only: int8 weight-only layers).
+    engine_precision: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
+    #: File the worker writes once its model is loaded and passed its start self-check (removed
+    #: when it stops); the k8s and compose probes test for it.
+    worker_ready_file: str = "/tmp/stemgen-worker-ready"
     #: How often (seconds) a generating stem task looks whether its job was cancelled
     #: (DELETE /jobs/<id>); the batch drops the row at its next decoding step after that.
     cancel_poll_seconds: float = Field(default=0.5, gt=0, le=10)
@@ -235,6 +239,16 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _decoding_combination(self) -> "Settings":
+        from stems.precision import conflict
+
+        reason = conflict(self.engine_mode, self.engine_precision, self.stemgen_device,
+                          self.attention_backend)
+        if reason:
+            raise ValueError(reason)
+        return self
 
     @model_validator(mode="after")
     def _retries_fit_visibility_timeout(self) -> "Settings":

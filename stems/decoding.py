@@ -26,10 +26,15 @@ This module decodes the same model the way gpt-fast (pytorch-labs) decodes LLaMA
 Two shapes of the same step:
 
 - ``exact``: no padding, attention over exactly the past (dynamic shapes, no graphs). On the same
-  device it gives bitwise the same tokens as audiocraft's eager generate (tests pin this on CPU).
+  device and precision it gives bitwise the same tokens as audiocraft's eager generate (tests pin
+  this on CPU for float32, float16, bfloat16 and int8).
 - ``static``: bucket padding and masked attention over a fixed length, what a graph captures. On
-  CPU it runs eagerly (tested there); its tokens agree with eager ones where the arithmetic of a
-  different batch shape allows (reported by ``bench.decoding``).
+  CPU it runs eagerly; in float32 its tokens are eager's bit for bit, in a half layout its logits
+  stay within ``TOLERANCE`` of audiocraft's eager forward (a padded batch changes a half-precision
+  matmul's shapes, hence its rounding).
+
+Every step runs under the precision layout's autocast (stems.precision), as audiocraft's generate
+does, so the casts happen where audiocraft's happen.
 
 Architectures outside what the step implements (rotary or no positional embedding, post-norm
 layers, grouped key/values, local attention, two-step guidance, ``sum`` fusing) fall back to
@@ -47,7 +52,11 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-ENGINE_MODES = ("auto", "eager", "exact", "static", "graph")
+from stems.audiocraft_patches import project_cross, project_query
+from stems.precision import ENGINE_MODES, autocast, compute_dtype
+from stems.sampling import SamplingParams, SamplingTensors, guide, probs_dtype, sample_next
+
+__all__ = ["ENGINE_MODES", "SamplingParams", "StaticDecoder", "sample_next"]
 #: Batch-size buckets a static step is padded to (rows before classifier-free guidance doubles them).
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -95,63 +104,6 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """Sampling settings a captured step bakes in (audiocraft's generate arguments)."""
-
-    use_sampling: bool
-    temp: float
-    top_k: int
-    top_p: float
-    cfg_coef: float
-
-
-def sample_next(logits, sampler: Sampler, noise=None):
-    """Sample one token per row and codebook, with graph-safe random numbers.
-
-    The same arithmetic as audiocraft's ``LMModel._sample_next_token`` + ``utils.sample_top_k`` /
-    ``sample_top_p``, but ``torch.multinomial`` replaced by the exponential race it takes itself
-    for one sample (``argmax(p / q)``, ``q ~ Exp(1)``; Gumbel-max in another guise): no host
-    synchronisation, and the same draws from the same generator state.
-
-    Args:
-        logits: ``[rows, codebooks, card]``, guidance already applied.
-        sampler: temperature, top-k, top-p; greedy when ``use_sampling`` is false or temp is 0.
-        noise: float32 ``[rows, codebooks, card]`` Exp(1) draws to race with (drawn here when
-            None). Drawing them outside a captured step, for the real rows only, keeps a padded
-            batch's draws those of the unpadded batch.
-
-    Returns:
-        int64 ``[rows, codebooks, 1]``.
-    """
-    import torch
-
-    if not (sampler.use_sampling and sampler.temp > 0.0):
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    probs = torch.softmax((logits / sampler.temp).float(), dim=-1)
-    if sampler.top_p > 0.0:
-        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-        probs_sum = torch.cumsum(probs_sort, dim=-1)
-        mask = probs_sum - probs_sort > sampler.top_p
-        probs_sort *= (~mask).float()
-        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-        return torch.gather(probs_idx, -1, _exponential_race(probs_sort, noise))
-    if sampler.top_k > 0:
-        top_k_value, _ = torch.topk(probs, sampler.top_k, dim=-1)
-        # a slice, not audiocraft's [..., [-1]]: a list index is a host-to-device copy,
-        # which a CUDA graph cannot capture (same values)
-        probs *= (probs >= top_k_value[..., -1:]).float()
-        probs.div_(probs.sum(dim=-1, keepdim=True))
-    return _exponential_race(probs, noise)
-
-
-def _exponential_race(probs, noise=None):
-    import torch
-
-    q = torch.empty_like(probs).exponential_(1) if noise is None else noise
-    return torch.argmax(probs / q, dim=-1, keepdim=True)
-
-
 @dataclass
 class DecodeStats:
     """What the decoder did since start (reported by health checks and the bench)."""
@@ -163,6 +115,10 @@ class DecodeStats:
     last_fallback: str | None = None
     graphs: int = 0
     capture_seconds: float = 0.0
+    #: bytes the captured graphs' memory pool holds (CUDA, measured around the capture)
+    graph_pool_bytes: int = 0
+    #: steps a graph mode decoder ran uncaptured (a bucket or length without a graph)
+    uncaptured_steps: int = 0
     buckets_used: dict = field(default_factory=dict)
 
 
@@ -183,6 +139,9 @@ class StaticDecoder:
         kv_chunk_steps: a static step attends over the smallest multiple of this many positions
             that covers the past (one graph per multiple): short clips read a short cache.
         max_cross_tokens: most conditioning tokens the cross-attention buffer holds.
+        precision: the layout ``lm`` is in (stems.precision.apply_layout): the step runs under
+            its autocast, as audiocraft's generate does, and the static cache holds keys/values
+            in its compute dtype.
 
     Raises:
         ValueError: for an unknown shape, graphs on a non-CUDA device or in ``exact`` shape.
@@ -190,7 +149,8 @@ class StaticDecoder:
 
     def __init__(self, lm, *, shape: str = "static", graphs: bool = False,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, capacity_steps: int = 1536,
-                 kv_chunk_steps: int = 256, max_cross_tokens: int = 128):
+                 kv_chunk_steps: int = 256, max_cross_tokens: int = 128,
+                 precision: str = "float32"):
         import torch
 
         if shape not in ("exact", "static"):
@@ -206,7 +166,18 @@ class StaticDecoder:
         self.capacity = int(math.ceil(capacity_steps / self.kv_chunk) * self.kv_chunk)
         self.max_cross = int(max_cross_tokens)
         self.device = device
-        self.dtype = lm.linears[0].weight.dtype
+        self.precision = precision
+        #: dtype of the keys/values (what the attention projections output under autocast)
+        self.dtype = compute_dtype(precision) or torch.float32
+        #: the generation's sampling settings, written before its first step (graphs read them)
+        self.sampling = SamplingTensors(device)
+        #: dtype of the Exp(1) draws (stems.sampling.probs_dtype)
+        self.noise_dtype = probs_dtype(precision, device.type)
+        #: when a list, each static/exact step appends its guided logits (self-check, bench)
+        self.recorded: list | None = None
+        #: the pattern sequence and conditions of the latest generation (with ``recorded``)
+        self.last_generation: tuple | None = None
+        self._recorded_rows: int | None = None
         self.stats = DecodeStats()
         self._torch = torch
         self._original_generate = type(lm).generate.__get__(lm)
@@ -272,8 +243,9 @@ class StaticDecoder:
         prompted = prompt if prompt is not None else torch.zeros(
             (num_samples, lm.num_codebooks, 0), dtype=torch.long, device=self.device)
         B, K, T = prompted.shape
-        sampler = Sampler(bool(use_sampling), float(temp), int(top_k), float(top_p),
-                          float(lm.cfg_coef if cfg_coef is None else cfg_coef))
+        params = SamplingParams(top_k=int(top_k), top_p=float(top_p), temperature=float(temp),
+                                cfg_coef=float(lm.cfg_coef if cfg_coef is None else cfg_coef),
+                                use_sampling=bool(use_sampling))
         pattern = lm.pattern_provider.get_pattern(max_gen_len)
         unknown = -1
         gen_codes = torch.full((B, K, max_gen_len), unknown, dtype=torch.long, device=self.device)
@@ -304,9 +276,7 @@ class StaticDecoder:
             if callback is not None:
                 callback(1 + offset - start, length - start)
 
-        with self._lock:
-            if self.graphs:
-                self.capture(bucket, cfg, sampler)  # no-op once captured; draws no random numbers
+        with self._lock, autocast(self.precision, self.device.type):
             with lm.streaming():
                 # Prefill: audiocraft's own step (prompt tokens, prepended conditions).
                 first = lm._sample_next_token(gen_sequence[..., 0:start], cfg_conditions, {},
@@ -315,11 +285,14 @@ class StaticDecoder:
                 pos = int(lm.transformer._streaming_state["offsets"][0])
                 prefilled = self._harvest(B, bucket, cfg, needed, cfg_conditions)
             write(start, first)
-            step = self._stepper(B, bucket, cfg, sampler, prefilled)
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                for offset in range(start + 1, length):
-                    write(offset, step(gen_sequence[..., offset - 1], pos))
-                    pos += 1
+            self.sampling.write(params, lm.card)
+            self._recorded_rows = B
+            step = self._stepper(B, bucket, cfg, params.draws, prefilled)
+            for offset in range(start + 1, length):
+                write(offset, step(gen_sequence[..., offset - 1], pos))
+                pos += 1
+            if self.recorded is not None:
+                self.last_generation = (gen_sequence, cfg_conditions, params, start)
             self.stats.generations += 1
             self.stats.steps += length - start - 1
             self.stats.buckets_used[bucket] = self.stats.buckets_used.get(bucket, 0) + 1
@@ -351,7 +324,7 @@ class StaticDecoder:
                 "out": torch.zeros((rows // 2, self.lm.num_codebooks, 1), dtype=torch.long,
                                    device=self.device),
                 "noise": torch.ones((rows // 2, self.lm.num_codebooks, self.lm.card),
-                                    dtype=torch.float32, device=self.device),
+                                    dtype=self.noise_dtype, device=self.device),
             }
         return self._buffers
 
@@ -379,8 +352,9 @@ class StaticDecoder:
             cache = self._static_views(bucket, halves)
         cross_src = None
         if self._cross:
-            _, cross_src = lm.fuser(torch.zeros((halves * batch, 0, self._dim), device=self.device,
-                                                dtype=self.dtype), cfg_conditions)
+            # the fuser's input is the embeddings' sum: float32 in every layout
+            _, cross_src = lm.fuser(torch.zeros((halves * batch, 0, self._dim), device=self.device),
+                                    cfg_conditions)
         for i, layer in enumerate(layers):
             state = layer.self_attn._streaming_state
             past_k, past_v = state["past_keys"], state["past_values"]  # [halves*B, H, pos, D]
@@ -396,7 +370,7 @@ class StaticDecoder:
                 for target, source in ((cache["keys"][i], past_k), (cache["values"][i], past_v)):
                     _copy_rows(target, source.to(self.dtype), batch, bucket, halves, source.shape[2])
             if cross_src is not None:
-                ck, cv = _project_cross(layer.cross_attention, cross_src, self._heads)
+                ck, cv = project_cross(layer.cross_attention, cross_src, "b h t d")
                 if self.shape == "exact":
                     cache["cross_keys"].append(ck)
                     cache["cross_values"].append(cv)
@@ -413,20 +387,24 @@ class StaticDecoder:
         return cache
 
     # --- the step --------------------------------------------------------------------------------
-    def _stepper(self, batch: int, bucket: int, cfg: bool, sampler: Sampler, cache: dict):
-        """A function ``(tokens [B, K] int64, pos: int) -> next tokens [B, K, 1]``."""
-        guidance = sampler.cfg_coef if cfg else None
+    def _stepper(self, batch: int, bucket: int, cfg: bool, draws: bool, cache: dict):
+        """A function ``(tokens [B, K] int64, pos: int) -> next tokens [B, K, 1]``; ``draws``:
+        whether the generation samples (Exp(1) draws for the real rows before each step)."""
+        torch = self._torch
+        guidance = self.sampling.cfg_coef if cfg else None
         if self.shape == "exact":
             def exact(tokens, pos):
                 logits = self._forward(tokens, pos, cache, guidance, batch, kv_len=None)
-                return sample_next(logits, sampler)
+                noise = torch.empty_like(logits, dtype=self.noise_dtype)
+                if draws:
+                    noise.exponential_(1)
+                return sample_next(logits, self.sampling, noise)
             return exact
         buffers = self._buffers
         static_tokens = buffers["tokens"][:bucket]
         static_pos = buffers["pos"]
         static_out = buffers["out"][:bucket]
         static_noise = buffers["noise"][:bucket]
-        draws = sampler.use_sampling and sampler.temp > 0.0
 
         def padded(tokens) -> None:
             static_tokens[:batch].copy_(tokens)
@@ -435,20 +413,24 @@ class StaticDecoder:
             if draws:  # the real rows' draws only: padding does not shift the generator
                 static_noise[:batch].exponential_(1)
 
-        if not self.graphs:
-            def static(tokens, pos):
-                padded(tokens)
-                static_pos.fill_(pos)
-                kv_len = self._kv_len(pos)
-                logits = self._forward(static_tokens, static_pos, cache, guidance, bucket,
-                                       kv_len=kv_len)
-                return sample_next(logits, sampler, static_noise)[:batch]
+        def static(tokens, pos):
+            padded(tokens)
+            static_pos.fill_(pos)
+            logits = self._forward(static_tokens, static_pos, cache, guidance, bucket,
+                                   kv_len=self._kv_len(pos))
+            return sample_next(logits, self.sampling, static_noise)[:batch]
+
+        if not self.graphs or not cfg:
             return static
 
         def replay(tokens, pos):
+            graph = self._graphs.get((bucket, self._kv_len(pos)))
+            if graph is None:  # not captured at start: run the same step uncaptured
+                self.stats.uncaptured_steps += 1
+                return static(tokens, pos)
             padded(tokens)
             static_pos.fill_(pos)
-            self._graphs[(bucket, cfg, sampler, self._kv_len(pos))].replay()
+            graph.replay()
             self.stats.graph_steps += 1
             return static_out[:batch]
         return replay
@@ -505,21 +487,19 @@ class StaticDecoder:
                 values.index_copy_(2, pos.view(1), v)
                 a = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len],
                                                    attn_mask=self_mask, dropout_p=0.0)
-            a = a.to(x.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
+            # audiocraft: x.to(dtype), dtype the query's (the norm's output) before out_proj
+            a = a.to(h.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
             x = x + layer.layer_scale_1(sa.out_proj(a))
             if self._cross:
                 ca = layer.cross_attention
                 h = layer.norm_cross(x)
-                dim = ca.in_proj_weight.shape[0] // 3
-                bias = ca.in_proj_bias
-                q = F.linear(h, ca.in_proj_weight[:dim], None if bias is None else bias[:dim])
-                q = q.view(x.shape[0], 1, heads, -1).permute(0, 2, 1, 3)
+                q = project_query(ca, h, "b h t d")
                 ck, cv = cache["cross_keys"][i], cache["cross_values"][i]
                 if kv_len is None:
                     a = F.scaled_dot_product_attention(q, ck, cv, dropout_p=0.0)
                 else:
                     a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cross_mask, dropout_p=0.0)
-                a = a.to(x.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
+                a = a.to(h.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
                 x = x + layer.layer_scale_cross(ca.out_proj(a))
             x = x + layer.layer_scale_2(layer._ff_block(layer.norm2(x)))
         if lm.out_norm:
@@ -527,56 +507,84 @@ class StaticDecoder:
         logits = torch.stack([lm.linears[k](x) for k in range(K)], dim=1)[:, :, 0]  # [r, K, card]
         if cfg is not None:
             cond, uncond = logits.split(rows, dim=0)
-            logits = uncond + (cond - uncond) * cfg
+            logits = guide(cond, uncond, cfg)
+        if self.recorded is not None:
+            self.recorded.append(logits[:self._recorded_rows].float().clone())
         return logits
 
     # --- CUDA graphs -----------------------------------------------------------------------------
-    def capture(self, bucket: int, cfg: bool, sampler: Sampler) -> float:
-        """Capture the step of ``bucket`` for every attended length (CUDA only). Returns seconds.
+    def cache_bytes(self) -> int:
+        """Bytes of the static cache (keys/values of every layer for the largest bucket's rows
+        with guidance, plus the cross-attention buffers): ``2 × layers × 2 × bucket × capacity ×
+        dim × itemsize`` for the self-attention part."""
+        layers = len(self.lm.transformer.layers)
+        itemsize = self._torch.empty((), dtype=self.dtype).element_size()
+        positions = self.capacity + (self.max_cross if self._cross else 0)
+        return 2 * layers * 2 * self.buckets[-1] * positions * self._dim * itemsize
 
-        A captured step draws no random numbers (its Exp(1) draws are made before each replay,
-        see ``sample_next``), so capturing never changes what a seeded generation draws.
+    def graph_body(self, bucket: int, kv_len: int):
+        """What a graph of (``bucket``, ``kv_len``) captures: the guided static step reading the
+        static tokens, position, sampling settings and draws, writing ``buffers["out"]``. Run
+        directly it is the uncaptured step (tests drive it on CPU in place of a replay)."""
+        buffers = self._static_buffers()
+        cache = self._static_views(bucket, 2)
+        static_tokens, static_pos = buffers["tokens"][:bucket], buffers["pos"]
+        static_out, static_noise = buffers["out"][:bucket], buffers["noise"][:bucket]
+
+        def step():
+            logits = self._forward(static_tokens, static_pos, cache, self.sampling.cfg_coef,
+                                   bucket, kv_len=kv_len)
+            static_out.copy_(sample_next(logits, self.sampling, static_noise))
+        return step
+
+    def capture(self, largest: int | None = None) -> float:
+        """Capture the guided step of every bucket up to ``largest`` (default: all) at every
+        attended length: the whole graph set, keyed by (bucket, attended length) only. Called
+        once at start; ``generate`` never captures. Returns seconds; the pool's bytes go to
+        ``stats.graph_pool_bytes``.
+
+        A captured step reads its sampling settings and Exp(1) draws from tensors written before
+        each replay (stems.sampling), so one graph serves every request's settings and capturing
+        draws no random numbers.
+
+        Raises:
+            ValueError: outside graph mode.
         """
+        if not self.graphs:
+            raise ValueError("capture needs graph mode")
         torch = self._torch
         started = time.perf_counter()
-        missing = [kv_len for kv_len in range(self.kv_chunk, self.capacity + 1, self.kv_chunk)
-                   if (bucket, cfg, sampler, kv_len) not in self._graphs]
-        if not missing:
-            return 0.0
-        cache = self._static_views(bucket, 2 if cfg else 1)
-        buffers = self._buffers
-        static_tokens = buffers["tokens"][:bucket]
-        static_pos = buffers["pos"]
-        static_out = buffers["out"][:bucket]
-        static_noise = buffers["noise"][:bucket]
+        buckets = [b for b in self.buckets if largest is None or b <= max(largest, self.buckets[0])]
+        buffers = self._static_buffers()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        static_pos = buffers["pos"]
         saved_pos = static_pos.clone()
-
-        guidance = sampler.cfg_coef if cfg else None
-
-        def step(kv_len):
-            logits = self._forward(static_tokens, static_pos, cache, guidance, bucket, kv_len=kv_len)
-            static_out.copy_(sample_next(logits, sampler, static_noise))
-
-        with torch.inference_mode(), torch.autocast(device_type="cuda", enabled=False):
-            for kv_len in missing:
-                static_pos.fill_(kv_len - 1)
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces)
-                        step(kv_len)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    step(kv_len)
-                self._graphs[(bucket, cfg, sampler, kv_len)] = graph
+        with self._lock, torch.inference_mode(), autocast(self.precision, "cuda", cache_enabled=False):
+            for bucket in buckets:
+                for kv_len in range(self.kv_chunk, self.capacity + 1, self.kv_chunk):
+                    if (bucket, kv_len) in self._graphs:
+                        continue
+                    step = self.graph_body(bucket, kv_len)
+                    static_pos.fill_(kv_len - 1)
+                    side = torch.cuda.Stream(self.device)
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces)
+                            step()
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        step()
+                    self._graphs[(bucket, kv_len)] = graph
         torch.cuda.synchronize(self.device)
         static_pos.copy_(saved_pos)
         seconds = time.perf_counter() - started
         self.stats.graphs = len(self._graphs)
         self.stats.capture_seconds += seconds
+        self.stats.graph_pool_bytes += torch.cuda.memory_reserved(self.device) - before
         return seconds
 
 
@@ -591,17 +599,74 @@ def _copy_rows(target, source, batch: int, bucket: int, halves: int, length: int
             dst[batch:].copy_(src[:1].expand(bucket - batch, -1, -1, -1))
 
 
-def _project_cross(attention, source, heads: int):
-    """The cross-attention keys/values of ``source`` ``[rows, tokens, dim]`` as audiocraft
-    projects them: ``[rows, heads, tokens, head_dim]`` each."""
+
+class DecodingBudgetError(RuntimeError):
+    """The static cache of BATCH_MAX_SIZE rows does not fit in the device's free memory."""
+
+
+def check_budget(decoder: StaticDecoder) -> int:
+    """Check, before anything is allocated, that the static cache fits in the CUDA device's free
+    memory with a quarter to spare for the graphs' pool, activations and EnCodec. Returns the
+    cache's bytes (nothing checked off CUDA).
+
+    Raises:
+        DecodingBudgetError: naming BATCH_MAX_SIZE, the bytes needed and the bytes free.
+    """
+    needed = decoder.cache_bytes()
+    if decoder.device.type != "cuda" or decoder._buffers is not None:
+        return needed
+    free, _ = decoder._torch.cuda.mem_get_info(decoder.device)
+    if needed > 0.75 * free:
+        raise DecodingBudgetError(
+            f"BATCH_MAX_SIZE={decoder.buckets[-1]}: the static cache needs {needed / 2**30:.2f} GiB "
+            f"({decoder.capacity} positions per row), {free / 2**30:.2f} GiB free on {decoder.device}; "
+            "lower BATCH_MAX_SIZE")
+    return needed
+
+
+def teacher_forced(decoder: StaticDecoder):
+    """The latest recorded generation's step logits next to audiocraft's eager forward
+    (``LMModel.forward`` over the whole pattern sequence, under the same autocast, with the same
+    conditions and guidance): the reference the self-check and the CPU layout tests compare with.
+
+    Returns:
+        (static, eager): float32 ``[steps, rows, codebooks, card]`` each.
+
+    Raises:
+        RuntimeError: when no generation was recorded (set ``decoder.recorded = []`` first).
+    """
     import torch
 
-    F = torch.nn.functional
-    dim = attention.in_proj_weight.shape[0] // 3
-    bias = attention.in_proj_bias
-    weight = attention.in_proj_weight
-    source = source.to(weight.dtype)
-    k = F.linear(source, weight[dim: 2 * dim], None if bias is None else bias[dim: 2 * dim])
-    v = F.linear(source, weight[2 * dim:], None if bias is None else bias[2 * dim:])
-    rows, tokens = source.shape[:2]
-    return [x.view(rows, tokens, heads, -1).permute(0, 2, 1, 3) for x in (k, v)]
+    if not decoder.recorded or decoder.last_generation is None:
+        raise RuntimeError("no recorded generation")
+    gen_sequence, cfg_conditions, params, start = decoder.last_generation
+    lm = decoder.lm
+    rows, length = gen_sequence.shape[0], gen_sequence.shape[-1]
+    sequence = gen_sequence[..., :-1]
+    with torch.inference_mode(), autocast(decoder.precision, decoder.device.type):
+        if cfg_conditions:
+            both = lm(torch.cat([sequence, sequence]), conditions=[], condition_tensors=cfg_conditions)
+            cond, uncond = both.split(rows, dim=0)
+            logits = uncond + (cond - uncond) * params.cfg_coef
+        else:
+            logits = lm(sequence, conditions=[], condition_tensors={})
+    eager = logits[:, :, start:length - 1].permute(2, 0, 1, 3).float()
+    return torch.stack(decoder.recorded[-eager.shape[0]:]), eager
+
+
+def compare(static, eager) -> dict:
+    """Relative error ``‖static − eager‖ / ‖eager‖`` of two logit sets and the share of equal
+    argmax tokens (greedy agreement, teacher-forced: no error carried from step to step)."""
+    import torch
+
+    error = float(torch.linalg.vector_norm(static - eager) / torch.linalg.vector_norm(eager))
+    agreement = float((static.argmax(-1) == eager.argmax(-1)).float().mean())
+    return {"relative_error": error, "token_agreement": agreement}
+
+
+#: Relative logit error the static step may show against audiocraft's eager forward, per
+#: precision. Both run the same casts; they differ in summation order (one step against the
+#: whole sequence, a masked fixed-length attention against the exact past), which costs a few
+#: units in the last place of the compute dtype: float32 ~1e-7, bfloat16 2^-8 ≈ 4e-3, float16
+#: 2^-11 ≈ 5e-4 per rounding, accumulated over the layers.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2, "int8": 5e-2}

@@ -20,6 +20,9 @@ from typing import Callable
 import numpy as np
 
 from stems import xformers_stand_in
+from stems.audiocraft_patches import install_streaming_caches
+from stems.precision import PRECISIONS, conflict, resolve_mode, resolve_precision
+from stems.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +37,8 @@ class GenerationError(RuntimeError):
     """MusicGen failed while generating."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """MusicGen sampling settings (audiocraft's ``set_generation_params``)."""
-
-    top_k: int = 250
-    top_p: float = 0.0
-    temperature: float = 1.0
-    cfg_coef: float = 3.0
+class _SelfCheckFailed(Exception):
+    """The start self-check could not compare (its reason goes to the result)."""
 
 
 ProgressCallback = Callable[[float], None]
@@ -131,156 +128,14 @@ def _load_musicgen(source: str, device: str):
 
 
 ATTENTION_BACKENDS = ("torch", "xformers")
-PRECISIONS = ("auto", "float32", "float16", "bfloat16")
-
-
-def resolve_mode(mode: str, device: str) -> str:
-    """ENGINE_MODE "auto": CUDA-graph decoding on CUDA, audiocraft's eager generate on CPU (where
-    the host is not the bottleneck: bench/decoding measures both). Other values pass through."""
-    from stems.decoding import ENGINE_MODES
-
-    if mode not in ENGINE_MODES:
-        raise ValueError(f"engine mode must be one of {ENGINE_MODES}")
-    if mode == "auto":
-        return "graph" if device.startswith("cuda") else "eager"
-    return mode
-
-
-def resolve_precision(precision: str, device: str, mode: str) -> str:
-    """ENGINE_PRECISION "auto": float16 language-model weights on CUDA for the static and graph
-    modes (audiocraft runs MusicGen under float16 autocast on CUDA, so the weights it casts at every
-    op are held in that type instead), float32 otherwise."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
-    if precision == "auto":
-        return "float16" if device.startswith("cuda") and mode in ("static", "graph") else "float32"
-    return precision
-
-#: Time steps a self-attention key/value buffer grows by when full (256 ≈ 5 s at 50 Hz): few
-#: re-allocations per clip, at most this many unused steps held per layer.
-_KV_GROWTH_STEPS = 256
-
-
-def _buffered_complete_kv(self, k, v):
-    """``StreamingMultiheadAttention._complete_kv`` that appends the step's keys/values into a
-    buffer with spare capacity instead of ``torch.cat``-ing the whole past every step.
-
-    audiocraft's version copies all past keys and values of every layer at every decoding step
-    (O(T²) bytes per clip; at batch 3 and 10 s on CPU that took a fifth of the time). The buffer
-    grows by ``_KV_GROWTH_STEPS`` when full, so the past is copied once per 256 steps instead of
-    at every step. ``past_keys``/``past_values`` stay in the
-    streaming state as views of the buffer with the same shape and values as audiocraft's, so the
-    mask, rotary offset and ``get/set_streaming_state`` code reads them unchanged; the attention
-    sees bitwise the same keys and values. Assumes, as audiocraft's generate does, that a stream
-    is never branched (one saved state restored twice and both continued).
-    """
-    if self.cross_attention or not self._is_streaming or self.past_context is not None or v is k:
-        return type(self)._complete_kv(self, k, v)
-    import torch
-    from audiocraft.modules.transformer import _get_attention_time_dimension
-
-    dim = _get_attention_time_dimension(self.memory_efficient)
-    state = self._streaming_state
-    past_k, past_v = state.get("past_keys"), state.get("past_values")
-    k_buf, v_buf = state.get("kv_buffer_keys"), state.get("kv_buffer_values")
-    length = 0 if past_k is None else past_k.shape[dim]
-    if past_k is not None and (k_buf is None or k_buf.data_ptr() != past_k.data_ptr()
-                               or k_buf.shape[0] != k.shape[0]):
-        k_buf, v_buf = past_k, past_v  # a state set from elsewhere: adopt it (copied on growth)
-    needed = length + k.shape[dim]
-    if k_buf is None or k_buf.shape[dim] < needed:
-        capacity = needed + _KV_GROWTH_STEPS
-        shape = list(k.shape)
-        shape[dim] = capacity
-        new_k, new_v = k.new_empty(shape), v.new_empty(shape)
-        if length:
-            new_k.narrow(dim, 0, length).copy_(past_k)
-            new_v.narrow(dim, 0, length).copy_(past_v)
-        k_buf, v_buf = new_k, new_v
-    k_buf.narrow(dim, length, k.shape[dim]).copy_(k)
-    v_buf.narrow(dim, length, v.shape[dim]).copy_(v)
-    nk, nv = k_buf.narrow(dim, 0, needed), v_buf.narrow(dim, 0, needed)
-    state["kv_buffer_keys"], state["kv_buffer_values"] = k_buf, v_buf
-    state["past_keys"], state["past_values"] = nk, nv
-    if "offset" not in state:
-        state["offset"] = torch.tensor(0)
-    return nk, nv
-
-
-def _cached_cross_attention(self, query, key, value, key_padding_mask=None, need_weights=False,
-                            attn_mask=None, average_attn_weights=True, is_causal=False):
-    """Cross-attention ``forward`` that projects the conditioning keys/values once per stream.
-
-    The text conditioning is the same at every decoding step of a generation, but audiocraft
-    projects it through two ``dim × dim`` matrices per layer at every step (a sixth of the weights
-    read per step for musicgen-small). Within a streaming session the projections are kept in the
-    streaming state (cleared when the session ends); the arithmetic is audiocraft's, in the same
-    order, so the output is bitwise the same. Anything but the plain streaming case falls back to
-    audiocraft's forward.
-    """
-    from audiocraft.modules import transformer as T
-
-    original = type(self).forward
-    if (not self._is_streaming or not self.custom or not self.memory_efficient
-            or self.qk_layer_norm is True or attn_mask is not None or key_padding_mask is not None
-            or need_weights or is_causal or self.training or self.causal):
-        return original(self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                        average_attn_weights, is_causal)
-    import torch
-    from einops import rearrange
-
-    layout = "b h t d" if T._get_attention_time_dimension(self.memory_efficient) == 2 else "b t h d"
-    dim = self.in_proj_weight.shape[0] // 3
-    bias = self.in_proj_bias
-    state = self._streaming_state
-    k, v = state.get("cross_keys"), state.get("cross_values")
-    if k is None or state["cross_source_shape"] != (tuple(key.shape), tuple(value.shape)):
-        k = torch.nn.functional.linear(key, self.in_proj_weight[dim: 2 * dim],
-                                       None if bias is None else bias[dim: 2 * dim])
-        v = torch.nn.functional.linear(value, self.in_proj_weight[2 * dim:],
-                                       None if bias is None else bias[2 * dim:])
-        k, v = [rearrange(x, f"b t (h d) -> {layout}", h=self.num_heads) for x in (k, v)]
-        state["cross_keys"], state["cross_values"] = k, v
-        state["cross_source_shape"] = (tuple(key.shape), tuple(value.shape))
-    q = torch.nn.functional.linear(query, self.in_proj_weight[:dim], None if bias is None else bias[:dim])
-    q = rearrange(q, f"b t (h d) -> {layout}", h=self.num_heads)
-    if self.attention_as_float32:
-        q, k, v = [x.float() for x in (q, k, v)]
-    if T._efficient_attention_backend == "torch":
-        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False, dropout_p=0)
-    else:
-        x = T.ops.memory_efficient_attention(q, k, v, None, p=0)
-    x = x.to(query.dtype)
-    x = rearrange(x, f"{layout} -> b t (h d)", h=self.num_heads)
-    return self.out_proj(x), None
-
-
-def install_streaming_caches(lm, *, kv_buffer: bool = True, cross_attention_cache: bool = True) -> int:
-    """Give the attention modules of a MusicGen language model the two caches above.
-
-    Per module instance (the class and other models are untouched). Returns how many modules
-    were changed. Neither cache changes any value computed (see the functions' docs).
-    """
-    from audiocraft.modules.transformer import StreamingMultiheadAttention
-
-    changed = 0
-    for module in lm.modules():
-        if not isinstance(module, StreamingMultiheadAttention):
-            continue
-        if module.cross_attention and cross_attention_cache:
-            module.forward = types.MethodType(_cached_cross_attention, module)
-            changed += 1
-        elif not module.cross_attention and kv_buffer:
-            module._complete_kv = types.MethodType(_buffered_complete_kv, module)
-            changed += 1
-    return changed
+__all__ = ["PRECISIONS", "SamplingParams", "StemEngine", "install_streaming_caches",
+           "resolve_mode", "resolve_precision"]
 
 
 class StemEngine:
     """One loaded MusicGen, shared by every stem a worker process generates.
 
-    Speed settings (none changes the model's arithmetic: precision, weights and steps stay as
-    audiocraft has them; on CUDA audiocraft itself runs the LM in float16 under autocast):
+    Speed settings (only ``precision`` changes the model's arithmetic; see stems.precision):
 
     Args:
         model: hub id, local checkpoint directory, or "tiny".
@@ -297,15 +152,18 @@ class StemEngine:
             reference), "exact" (static-cache step, unpadded: bitwise the same tokens as eager),
             "static" (bucket-padded, fixed-shape step), "graph" (the static step replayed as CUDA
             graphs; CUDA only), "auto" (see ``resolve_mode``).
-        precision: language-model weights' dtype; "auto" see ``resolve_precision``. Under
-            "float16"/"bfloat16" the static step runs without autocast.
+        precision: the language model's precision layout (stems.precision): "float32",
+            "float16"/"bfloat16" (audiocraft's CUDA layout: half-precision layers under autocast,
+            float32 embeddings, norms, output linears, positions and residual stream), "int8"
+            (CPU: the bfloat16 layout with int8 weight-only layers), "auto".
         buckets: batch-size buckets of the static and graph modes.
         capacity_seconds: longest window a static cache holds (default: the model's window).
 
     Raises:
         ModelLoadError: when audiocraft cannot load the model.
-        ValueError: for an unknown attention backend, mode or precision, graphs without CUDA, or
-            a non-positive thread count.
+        ValueError: for an unknown attention backend, mode or precision, a combination
+            ``stems.precision.conflict`` refuses (the message names the variable), or a
+            non-positive thread count.
     """
 
     def __init__(self, model: str, device: str = "auto", *, num_threads: int | None = None,
@@ -327,10 +185,12 @@ class StemEngine:
 
         self.model_name = model
         self.device = resolve_device(device)
+        reason = conflict(mode, precision, self.device, attention_backend)
         self.mode = resolve_mode(mode, self.device)
-        self.precision = resolve_precision(precision, self.device, self.mode)
-        if self.mode == "graph" and not self.device.startswith("cuda"):
-            raise ValueError("ENGINE_MODE=graph needs a CUDA device")
+        self.precision = resolve_precision(precision, self.device)
+        reason = reason or conflict(self.mode, self.precision, self.device, attention_backend)
+        if reason:
+            raise ValueError(reason)
         set_efficient_attention_backend(attention_backend)
         try:
             self._model = _load_musicgen(_model_source(model), self.device)
@@ -338,16 +198,16 @@ class StemEngine:
             raise ModelLoadError(f"cannot load MusicGen model {model!r}: {exc}") from exc
         self._num_threads = num_threads
         lm = self._model.lm
-        if self.precision != "float32":
-            # The conditioners (T5 overflows in float16) keep float32; audiocraft's autocast
-            # casts their output for the prefill, the static step casts it itself.
-            lm.to(getattr(torch, self.precision))
-            lm.condition_provider.float()
+        from stems.precision import apply_layout
+
+        apply_layout(self._model, self.precision)
         install_streaming_caches(lm, kv_buffer=kv_buffer, cross_attention_cache=cross_attention_cache)
         #: The static decoder (None in eager mode): stats, capture, cache size.
         self.decoder = None
         #: Seconds spent capturing CUDA graphs at warm-up.
         self.capture_seconds = 0.0
+        #: The start's self-check (``self_check``), None until it ran.
+        self.self_check_result: dict | None = None
         if self.mode != "eager":
             from stems.decoding import DEFAULT_BUCKETS, StaticDecoder
 
@@ -357,6 +217,7 @@ class StemEngine:
                 lm, shape="exact" if self.mode == "exact" else "static",
                 graphs=self.mode == "graph", buckets=tuple(buckets or DEFAULT_BUCKETS),
                 capacity_steps=int((window + prefix) * self._model.frame_rate) + lm.num_codebooks + 1,
+                precision=self.precision,
             ).install()
         #: What this engine runs with (reported by the bench and health checks).
         self.settings = {"num_threads": num_threads or torch.get_num_threads(),
@@ -485,24 +346,87 @@ class StemEngine:
                 sampling: SamplingParams = SamplingParams()) -> float:
         """Run one short generation so first-request latency excludes lazy initialisation
         (allocator pools, oneDNN/cuBLAS kernel selection for this batch size). In graph mode,
-        first capture the decoding step of every bucket up to ``batch_size`` for ``sampling``.
+        first check the static cache's budget and capture the whole graph set for every bucket
+        up to ``batch_size`` (stems.decoding.StaticDecoder.capture).
 
         Returns:
             seconds spent capturing CUDA graphs (0 outside graph mode).
+
+        Raises:
+            stems.decoding.DecodingBudgetError: the cache does not fit (graph mode).
+            GenerationError: the warm-up generation failed.
         """
         captured = 0.0
         if self.mode == "graph" and self.decoder.unsupported is None:
-            from stems.decoding import Sampler
+            from stems.decoding import check_budget
 
-            sampler = Sampler(True, sampling.temperature, sampling.top_k, sampling.top_p,
-                              sampling.cfg_coef)
-            from stems.decoding import bucket_for
-
-            largest = bucket_for(batch_size, self.decoder.buckets) or self.decoder.buckets[-1]
-            with self._lock, self._torch.inference_mode():
-                for bucket in self.decoder.buckets:
-                    if bucket <= largest:
-                        captured += self.decoder.capture(bucket, True, sampler)
+            check_budget(self.decoder)
+            captured = self.decoder.capture(largest=batch_size)
         self.generate(["warm up"] * batch_size, duration_seconds, sampling=sampling)
         self.capture_seconds += captured
         return captured
+
+    def self_check(self, duration_seconds: float = 0.5, seed: int = 0) -> dict:
+        """Check the decoding path against its references with one short seeded generation of
+        two rows: in graph mode the replayed graphs must give bitwise the tokens of the same
+        step run uncaptured; the step's logits must be within ``stems.decoding.TOLERANCE`` of
+        audiocraft's eager forward on the same precision (``teacher_forced``). On a failure the
+        decoder is turned off (every generation goes through audiocraft's generate) and the
+        result says why.
+
+        Returns:
+            ``{"passed", "reason", "relative_error", "token_agreement", "tolerance"}``
+            (``reason`` None when passed; eager mode passes with nothing to check).
+        """
+        from stems.decoding import TOLERANCE, compare, teacher_forced
+
+        result = {"passed": True, "reason": None, "relative_error": None,
+                  "token_agreement": None, "tolerance": TOLERANCE[self.precision]}
+        decoder = self.decoder
+        if decoder is None or decoder.unsupported is not None:
+            self.self_check_result = result
+            return result
+        torch = self._torch
+        prompts = ["self check, guitar", "self check, drums"][:decoder.buckets[-1]]
+        model = self._model
+
+        def tokens():
+            torch.manual_seed(seed)
+            with torch.inference_mode(), model.autocast:
+                _, codes = model.generate(prompts, return_tokens=True)
+            return codes
+
+        with self._lock:
+            model.set_generation_params(duration=duration_seconds, use_sampling=True, top_k=250)
+            model.set_custom_progress_callback(None)
+            decoder.recorded = []
+            try:
+                first = tokens()
+                if not decoder.recorded:  # the generation fell back to audiocraft's generate
+                    raise _SelfCheckFailed(f"the static step did not run: {decoder.stats.last_fallback}")
+                static, eager = teacher_forced(decoder)
+                if decoder.graphs:
+                    decoder.graphs = False
+                    try:
+                        uncaptured = tokens()
+                    finally:
+                        decoder.graphs = True
+                    if not torch.equal(first, uncaptured):
+                        result["reason"] = "CUDA-graph replay differs from the uncaptured static step"
+            except _SelfCheckFailed as exc:
+                result["reason"] = str(exc)
+            finally:
+                decoder.recorded = None
+        if result["reason"] is None:
+            result.update(compare(static, eager))
+        if result["reason"] is None and not result["relative_error"] <= result["tolerance"]:
+            result["reason"] = (f"static step logits {result['relative_error']:.2e} from audiocraft's "
+                                f"eager forward, above the tolerance {result['tolerance']:.0e}")
+        if result["reason"] is not None:
+            result["passed"] = False
+            decoder.unsupported = f"self-check failed: {result['reason']}"
+            self.settings["static_fallback"] = decoder.unsupported
+            log.error("decoding self-check failed, serving audiocraft's eager generate: %s",
+                      result["reason"])
+        self.self_check_result = result
+        return result

@@ -5,7 +5,8 @@ stopped from Python. The batcher fails the hung call's stems and everything queu
 ``GenerationTimeout``; then ``generation_hung``:
 
 1. marks the worker not ready: ``stemgen_info`` (``GET /health``) reports ``ready: false`` with the
-   reason, and the gauge ``stemgen_worker_ready`` drops to 0;
+   reason, the ready file goes and the gauge ``stemgen_worker_ready`` drops to 0
+   (tasks.readiness);
 2. asks Celery for a warm shutdown with exit code EXIT_HUNG (``celery.worker.state.should_stop``,
    as a SIGTERM would, but not 0): the running tasks finish (their stems already failed), the
    prefetched unacknowledged messages go back to the queue for other workers;
@@ -22,7 +23,7 @@ import os
 from celery.signals import worker_shutdown
 from celery.worker import state as worker_state
 
-from tasks import metrics
+from tasks import readiness as ready_flag
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,14 @@ EXIT_HUNG = 70
 
 #: Why this worker is not ready (None: it is).
 not_ready_reason: str | None = None
-metrics.worker_ready(True)
 
 
 def generation_hung(exc: BaseException) -> None:
     """The batcher's ``on_hung``: not ready, then a warm shutdown that exits with EXIT_HUNG."""
     global not_ready_reason
     not_ready_reason = f"generation hung: {exc}"
-    metrics.worker_ready(False)
+    from tasks.app import app  # (the worker's settings: where its ready file is)
+    ready_flag.mark_not_ready(app.stemgen_settings.worker_ready_file)
     log.critical("worker not ready (%s); shutting down with exit status %d", not_ready_reason,
                  EXIT_HUNG)
     worker_state.should_stop = EXIT_HUNG

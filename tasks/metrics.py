@@ -65,7 +65,8 @@ STEMS_GENERATED = Counter("stemgen_stems_generated", "Stems completed (rendered 
                           ["stem", "arrangement"])
 STEMS_FAILED = Counter("stemgen_stems_failed", "Stems failed for good", ["stem", "arrangement"])
 WORKER_READY = Gauge("stemgen_worker_ready",
-                     "1 while the worker takes work; 0 once a generation outlived its deadline "
+                     "1 once the worker's model passed its start self-check (tasks.readiness) and "
+                     "while it takes work; 0 before, and once a generation outlived its deadline "
                      "(tasks.device_watchdog: it then exits)")
 KEPT_RENDERS_UPLOADED = Counter("stemgen_kept_renders_uploaded",
                                 "Stems uploaded from a render kept after a failed upload (no "

@@ -1,7 +1,7 @@
 """The worker's model cache: one loaded StemEngine (and its StemBatcher) per worker process, and
 the Demucs separator once an ensemble request needs it; the only global state.
 
-Loaded at process start (``worker_process_init``, see tasks.worker) and reused by every task, as
+Loaded at process start (the ``ModelStart`` bootstep, see tasks.worker) and reused by every task, as
 cog's ``setup()``/``predict()`` split does; nothing reloads per task.
 """
 
@@ -61,8 +61,20 @@ def loaded() -> list[dict]:
     """What this process has loaded (for health reports)."""
     return [{"model": m, "device": e.device, "melody": e.supports_melody, "mode": e.mode,
              "precision": e.precision, "warm_up_capture_seconds": e.capture_seconds,
-             "decoder_fallbacks": e.decoder.stats.fallbacks if e.decoder else None}
+             "decoder_fallbacks": e.decoder.stats.fallbacks if e.decoder else None,
+             "self_check": e.self_check_result,
+             "decoding_bytes": ({"static_cache": e.decoder.cache_bytes(),
+                                 "graph_pool": e.decoder.stats.graph_pool_bytes}
+                                if e.decoder else None)}
             for (m, _), e in _engines.items()]
+
+
+def decoding_precision(model: str) -> str | None:
+    """The precision the process's engine of ``model`` decodes in (None: not loaded here)."""
+    for (name, _), engine in list(_engines.items()):
+        if name == model:
+            return engine.precision
+    return None
 
 
 def get_batcher(settings) -> StemBatcher:

@@ -38,7 +38,7 @@ from tasks import metrics
 from tasks.app import app
 from tasks.callback_delivery import deliver_callback
 from tasks.jobstore import JobStore
-from tasks.model_cache import get_batcher, get_separator
+from tasks.model_cache import decoding_precision, get_batcher, get_separator
 from tasks import song_source
 from tasks.planning import SongConditioning, conditioning_for, make_job_plan, plan_from_record
 from tasks.source_audio import SourceAudioError, load_source
@@ -319,7 +319,10 @@ def _store_stem(settings, jobs: JobStore, job_id: str, request: dict, stem: str,
     metadata = rendered.metadata()
     warnings = list(extra.pop("warnings", None) or []) + metadata.pop("warnings", [])
     result = {"stem": stem, "status": "completed", "bpm": plan.bpm,
-              "model": settings.musicgen_model, **extra, **metadata, "analysis": analysis}
+              "model": settings.musicgen_model,
+              # a seeded request repeats exactly only at the same precision (docs/decoding.md)
+              "precision": decoding_precision(settings.musicgen_model), **extra,
+              **metadata, "analysis": analysis}
     if song is not None:
         result["source_region"] = song_source.result_region(song)
         if anchors is not None and isinstance(result.get("tempo"), dict):

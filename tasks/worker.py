@@ -1,9 +1,13 @@
 """Worker process hooks: load the model at process start, answer health questions.
 
-- ``worker_init`` (threads pool, the default) or ``worker_process_init`` (prefork children): the
-  process loads MusicGen once (tasks.model_cache), runs a short warm-up generation and renders one
-  synthetic stem (stems.render.warm_up), so the first request pays neither for loading nor for
-  librosa's lazy imports and numba compilation.
+- ``ModelStart`` bootstep (before the consumer, Celery's last worker step): the process loads
+  MusicGen once (tasks.model_cache), captures its CUDA graphs, runs a short warm-up generation and
+  the decoding self-check, and renders one synthetic stem (stems.render.warm_up), so the first
+  request pays neither for loading nor for librosa's lazy imports and numba compilation. Any
+  failure there ends the worker with a non-zero status before it consumes a message ("Unrecoverable
+  error"), so compose and k8s restart it. Only then is the ready flag written (tasks.readiness),
+  which the probes read. The pool is Celery's threads pool (tasks.app): the model lives in the
+  worker's own process; a prefork pool is not supported (CUDA does not survive a fork).
 - ``OutboxDispatch`` bootstep: the worker runs the outbox dispatcher (tasks.dispatcher) on a thread
   while it runs (unless ``DISPATCHER_ENABLED=false``), so every deployment with a worker dispatches.
 - ``stemgen_info`` remote-control command: the worker's model and device, for ``GET /health``.
@@ -20,20 +24,13 @@ import os
 import time
 
 from celery import bootsteps
-from celery.signals import (
-    before_task_publish,
-    setup_logging,
-    task_postrun,
-    task_prerun,
-    worker_init,
-    worker_process_init,
-)
+from celery.signals import before_task_publish, setup_logging, task_postrun, task_prerun, worker_init
 from celery.worker.control import inspect_command
 
 import stemgen_logging
 from stems.engine import SamplingParams, resolve_device
 from stems.render import warm_up as render_warm_up
-from tasks import device_watchdog, metrics
+from tasks import device_watchdog, metrics, readiness
 from tasks.app import app
 from tasks.dispatcher import DispatcherThread, OutboxDispatcher
 from tasks.model_cache import engine_for, loaded
@@ -43,10 +40,11 @@ log = logging.getLogger(__name__)
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
 
 
-def _load_model() -> None:
+def _load_model() -> dict:
+    """Load, capture, warm up and self-check; returns what the ready flag records."""
     settings = app.stemgen_settings
     if not settings.preload_model:
-        return
+        return {"model": settings.musicgen_model, "preloaded": False}
     started = time.perf_counter()
     engine = engine_for(settings)
     load_seconds = time.perf_counter() - started
@@ -56,6 +54,8 @@ def _load_model() -> None:
                               cfg_coef=settings.default_cfg_coef)
     captured = engine.warm_up(batch_size=settings.batch_max_size if engine.mode == "graph" else 1,
                               sampling=sampling)
+    check = engine.self_check()
+    readiness.record_decoding(settings.musicgen_model, engine)
     render_started = time.perf_counter()
     render_warm_up(engine.sample_rate)
     metrics.model_loaded(settings.musicgen_model, str(engine.device), load_seconds,
@@ -63,6 +63,8 @@ def _load_model() -> None:
     log.info("worker process %s: %s loaded on %s, %s decoding in %s (CUDA graph capture %.1fs, "
              "render warm-up %.1fs)", os.getpid(), settings.musicgen_model, engine.device,
              engine.mode, engine.precision, captured, time.perf_counter() - render_started)
+    return {"model": settings.musicgen_model, "device": str(engine.device), "mode": engine.mode,
+            "precision": engine.precision, "self_check": check}
 
 
 @setup_logging.connect
@@ -78,6 +80,7 @@ def _observe(sender=None, **_):
     settings = app.stemgen_settings
     metrics.start_server(settings)
     metrics.register_cuda_memory(resolve_device(settings.stemgen_device))
+    readiness.mark_not_ready(settings.worker_ready_file)  # a flag left by an earlier process
 
 
 #: Message header carrying the publisher's job ids (job_id, generation_request_id) to the task.
@@ -139,17 +142,22 @@ def _task_finished(task_id=None, task=None, state=None, **_):
     stemgen_logging.end_scope(token)
 
 
-@worker_init.connect
-def _load_in_worker(sender=None, **_):
-    # threads/solo pools run tasks in this process: load here, before the worker reports ready.
-    # A prefork pool must not (CUDA does not survive fork): its children load in worker_process_init.
-    if "prefork" not in str(getattr(sender, "pool_cls", "")).lower():
-        _load_model()
+class ModelStart(bootsteps.StartStopStep):
+    """Loads the model before the consumer starts (``Consumer`` is Celery's last worker step), then
+    writes the ready flag. An exception propagates to Celery's ``WorkController.start``, which
+    logs "Unrecoverable error" and stops the worker with a non-zero exit status: no message is
+    consumed by a worker whose model failed to load, warm up or capture."""
+
+    def start(self, worker):
+        settings = worker.app.stemgen_settings
+        info = _load_model()
+        readiness.mark_ready(settings.worker_ready_file, info)
+
+    def stop(self, worker):
+        readiness.mark_not_ready(worker.app.stemgen_settings.worker_ready_file)
 
 
-@worker_process_init.connect
-def _load_in_child(**_):
-    _load_model()
+app.steps["worker"].add(ModelStart)
 
 
 class OutboxDispatch(bootsteps.StartStopStep):
@@ -194,5 +202,6 @@ def stemgen_info(state):
     for engine in loaded():
         if engine["model"] == settings.musicgen_model:
             info.update({k: engine[k] for k in ("melody", "mode", "precision",
-                                                "warm_up_capture_seconds", "decoder_fallbacks")})
+                                                "warm_up_capture_seconds", "decoder_fallbacks",
+                                                "self_check", "decoding_bytes")})
     return info

@@ -316,9 +316,21 @@ def test_each_queue_has_a_worker_and_dispatch_never_scales_to_zero(docs):
 def test_worker_probes_are_a_valid_celery_ping_of_the_pods_own_node():
     from celery.utils.nodenames import default_nodename
 
-    commands = {tuple(_container(w)[kind]["exec"]["command"])
-                for overlay in OVERLAYS for w in _all(_render(overlay), "Deployment")
-                if _queues(w) is not None for kind in ("startupProbe", "livenessProbe")}
+    commands = set()
+    for overlay in OVERLAYS:
+        docs = _render(overlay)
+        for w in _all(docs, "Deployment"):
+            if _queues(w) is None:
+                continue
+            container = _container(w)
+            if _settings_of(docs, w).preload_model:
+                # a model worker is started and ready once its ready file exists (tasks.readiness)
+                for kind in ("startupProbe", "readinessProbe"):
+                    assert container[kind]["exec"]["command"] == ["test", "-f", "/tmp/stemgen-worker-ready"]
+                kinds = ("livenessProbe",)
+            else:
+                kinds = ("startupProbe", "livenessProbe")
+            commands |= {tuple(container[kind]["exec"]["command"]) for kind in kinds}
     for command in commands:
         assert command[:2] == ("sh", "-c")
         argv = shlex.split(command[2].removeprefix("exec "))

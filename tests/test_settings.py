@@ -25,3 +25,17 @@ def test_environment_overrides(monkeypatch):
     settings = load_settings()
     assert settings.musicgen_model == "tiny" and settings.batch_max_size == 8
     assert load_settings(musicgen_model="x").musicgen_model == "x"
+
+
+def test_refused_decoding_combinations_name_the_variable():
+    import pytest as _pytest
+    from pydantic import ValidationError
+
+    from stemgen_settings import load_settings
+
+    with _pytest.raises(ValidationError, match="ENGINE_PRECISION=int8"):
+        load_settings(stemgen_device="cuda", engine_precision="int8")
+    with _pytest.raises(ValidationError, match="ENGINE_MODE=graph"):
+        load_settings(stemgen_device="cpu", engine_mode="graph")
+    with _pytest.raises(ValidationError, match="ATTENTION_BACKEND=xformers"):
+        load_settings(stemgen_device="cuda", engine_mode="static", attention_backend="xformers")

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stems x requests))")
     p.add_argument("--window", type=float, default=settings.batch_window_seconds,
                    help=f"batcher window, seconds (BATCH_WINDOW_SECONDS, {settings.batch_window_seconds:g})")
+    p.add_argument("--precision", default=settings.engine_precision,
+                   help=f"worker path's ENGINE_PRECISION ({settings.engine_precision})")
+    p.add_argument("--mode", default=settings.engine_mode,
+                   help=f"worker path's ENGINE_MODE ({settings.engine_mode})")
     p.add_argument("--threads", type=int, default=None,
                    help="engine num_threads for the worker path (default: torch's default)")
     p.add_argument("--no-kv-buffer", dest="kv_buffer", action="store_false",
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingParams(top_k=settings.default_top_k, top_p=settings.default_top_p,
                               temperature=settings.default_temperature, cfg_coef=settings.default_cfg_coef)
     engine_options = {"num_threads": args.threads, "kv_buffer": args.kv_buffer,
-                      "cross_attention_cache": args.cross_attention_cache}
+                      "cross_attention_cache": args.cross_attention_cache,
+                      "precision": args.precision, "mode": args.mode}
     bench_started = time.perf_counter()
     busy_at_start, own_at_start = _busy_cpu_seconds(), time.process_time()
 

@@ -46,6 +46,7 @@ def test_each_job_runs_on_the_workers_of_its_model(stack):
             for name, answer in (("default", default), ("melody", melody))}
     assert done["default"]["status"] == done["melody"]["status"] == "completed"
     assert done["default"]["stems"][0]["model"] == "tiny"
+    assert done["default"]["stems"][0]["precision"] in ("float32", "bfloat16")  # auto, per CPU
     assert done["melody"]["stems"][0]["model"] == "tiny-melody"
     # the stem's "model" is the MUSICGEN_MODEL of the worker that generated it; its generation
     # task ran there only (finalize and delivery run on any worker's callbacks queue)

@@ -22,13 +22,13 @@ def built(monkeypatch):
 
 
 def test_engine_gets_thread_count_attention_backend_and_decoding(built):
-    settings = load_settings(musicgen_model="tiny", stemgen_device="cpu", torch_num_threads=3,
-                             attention_backend="xformers", engine_mode="exact",
+    settings = load_settings(musicgen_model="tiny", stemgen_device="cuda", torch_num_threads=3,
+                             attention_backend="xformers", engine_mode="eager",
                              engine_precision="bfloat16", batch_max_size=24)
     engine = model_cache.engine_for(settings)
-    assert built == [("tiny", "cpu", {"num_threads": 3, "attention_backend": "xformers",
-                                      "mode": "exact", "precision": "bfloat16",
-                                      "buckets": (1, 2, 4, 8, 16, 24)})]
+    assert built == [("tiny", "cuda", {"num_threads": 3, "attention_backend": "xformers",
+                                       "mode": "eager", "precision": "bfloat16",
+                                       "buckets": (1, 2, 4, 8, 16, 24)})]
     assert model_cache.engine_for(settings) is engine  # loaded once per process
 
 
