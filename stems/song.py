@@ -4,9 +4,10 @@
 ``SongAnalysis``:
 
 - **beats**: the tempo octave from ``librosa.feature.tempo`` (autocorrelation of the onset
-  strength with a log-normal prior around 120 BPM), then ``stems.beats.analyse_beats`` (dynamic-
-  programming beat tracking, Ellis 2007, via ``librosa.beat.beat_track``, each beat refined to its
-  attack and smoothed), extended at both ends over the part of the song that sounds. The beat
+  strength with a log-normal prior around 120 BPM), then ``stems.beats``' steps over the whole
+  song (dynamic-programming beat tracking, Ellis 2007, via ``librosa.beat.beat_track``, each beat
+  refined to its attack, robust local regression over +-8 beats), extended at both ends over the
+  part of the song that sounds. The beat
   times follow the song's drift: they are the song's tempo map.
 - **downbeats** (bar phase) and the beat grid: harmony changes on bar lines, so of the tracked beats
   and the grid half a beat later (a tracker on arpeggios or syncopated bass without drums may lock
@@ -14,8 +15,7 @@
   best wins, low-band onsets on beat 1 breaking ties; where the chords then change only every other
   "bar" (tracked at 150 BPM or more), the beats were eighth notes and every other one is kept;
   where they change in the middle of most bars (tracked below 75 BPM), the beats were half notes and
-  the beats between them are added. The beat map is then smoothed by
-  robust local regression over +-8 beats.
+  the beats between them are added.
 - **chords**: beat-synchronous chroma from a constant-Q transform (``librosa.cqt``, tuning
   estimated by ``librosa.estimate_tuning``), split into a bass chroma (below ~220 Hz) and a
   treble chroma, matched per bar and per half bar against templates of major, minor, dominant
@@ -49,7 +49,7 @@ import numpy as np
 import soxr
 
 from stems.analysis import KRUMHANSL_KESSLER_MAJOR, KRUMHANSL_KESSLER_MINOR
-from stems.beats import _smooth_beats, analyse_beats
+import stems.beats as _beats
 from stems.plan import CHORD_INTERVALS, PITCH_CLASSES, Key, parse_chord
 
 __all__ = [
@@ -285,24 +285,34 @@ def _sounding_span(mono: np.ndarray) -> tuple[float, float]:
 
 
 def _track_beats(mono: np.ndarray) -> np.ndarray:
-    """The song's beat times (s), covering the sounding part of the song."""
-    onset = librosa.onset.onset_strength(y=mono, sr=_SR, hop_length=_HOP)
-    rough = float(librosa.feature.tempo(onset_envelope=onset, sr=_SR, hop_length=_HOP)[0])
+    """The song's beat times (s), covering the sounding part of the song.
+
+    ``stems.beats``' steps on the whole song: its log-mel onset envelope, the tempo octave from
+    ``librosa.feature.tempo`` (log-normal prior around 120 BPM) refined by the envelope's
+    autocorrelation, dynamic-programming beats over the whole song (``librosa.beat.beat_track``),
+    each moved to its attack, slips repaired, then robust local regression over +-8 beats (a
+    played song's tempo changes slowly). Unlike a stem's conform, the beat list is not cut where
+    it stops being regular: a song's beat map must cover the song."""
+    feats = _beats._onset_features(mono)
+    env = feats.env
+    rough = float(librosa.feature.tempo(onset_envelope=env, sr=_SR, hop_length=_beats._HOP)[0])
     if not math.isfinite(rough) or rough <= 0:
         rough = 120.0
-    found = analyse_beats(mono, _SR, rough, BEATS_PER_BAR)
-    if found is not None and len(found.times) >= 4:
-        times = np.asarray(found.times, dtype=float)
-        if len(times) >= 2 * _SMOOTH_BEATS + 1:
-            # a played song's tempo changes slowly: the attack times of tonal material scatter
-            # by +-20 ms around the beat, which a wider robust fit averages out
-            times = _smooth_beats(times, half_width=_SMOOTH_BEATS)[0]
-    else:
-        _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=_SR, hop_length=_HOP, bpm=rough, trim=False)
-        times = librosa.frames_to_time(np.asarray(frames), sr=_SR, hop_length=_HOP)
-        if len(times) < 4:
-            raise SongAnalysisError("no beat found in the song")
+    tempo, _ = _beats._tempo_from_autocorrelation(env, rough, BEATS_PER_BAR)
+    _, frames = librosa.beat.beat_track(onset_envelope=env, sr=_SR, hop_length=_beats._HOP, bpm=tempo,
+                                        tightness=100, trim=False)
     first, last = _sounding_span(mono)
+    coarse = np.asarray(frames, dtype=float) * _beats._HOP / _SR
+    period = 60.0 / tempo
+    coarse = coarse[(coarse >= first - 0.25 * period) & (coarse <= last)]
+    if len(coarse) < 4:
+        raise SongAnalysisError("no beat found in the song")
+    times = _beats._regularise_beats(np.sort(_beats._refine_beats(coarse, _beats._fine_rise(mono))))
+    if len(times) >= 2 * _SMOOTH_BEATS + 1:
+        times = _beats._smooth_beats(times, half_width=_SMOOTH_BEATS)[0]
+    times = np.sort(times[(times >= 0.0) & (times < len(mono) / _SR)])
+    if len(times) < 4:
+        raise SongAnalysisError("no beat found in the song")
     # extend at the local period over the part of the song that sounds
     head = float(np.median(np.diff(times[:5])))
     pre = []

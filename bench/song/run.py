@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--songs", type=int, default=40, help="number of songs (default 40)")
-    parser.add_argument("--seed", type=int, default=2, help="synthesis seed (default 2, the one CI runs; tuned on 0 and 1)")
+    parser.add_argument("--seed", type=int, default=2,
+                        help="synthesis seed (default 2, the one CI runs; tuned on 0 and 1)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--verbose", action="store_true", help="one line per song")

@@ -1,4 +1,5 @@
-"""Tempo conform bench runner (``python -m bench.tempo [--clips N] [--join-clips N] [--drumless-clips N] [--jobs J] [--seed S] [--strict]``).
+"""Tempo conform bench runner (``python -m bench.tempo [--clips N] [--join-clips N] [--drumless-clips N]
+[--jobs J] [--seed S] [--strict]``).
 
 Builds the evaluation set (``dataset.py``: real drum kits + synthetic bass and strums, 1-3 %
 tempo drift, a few ms of timing jitter, 70-160 BPM, target/source 0.75-1.33), conforms every

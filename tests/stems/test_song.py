@@ -72,3 +72,23 @@ def test_bad_audio():
         analyse_song(np.full((1, 5 * SR), np.nan), SR)
     with pytest.raises(SongAnalysisError):
         analyse_song(np.zeros((1, 5 * SR)), 0)
+
+
+def _spans(chords: list[str], bar: float = 2.0) -> tuple[list[ChordSpan], tuple[float, ...]]:
+    spans = [ChordSpan(i * bar, (i + 1) * bar, c, 1.0) for i, c in enumerate(chords)]
+    return spans, tuple(i * bar for i in range(len(chords)))
+
+
+@pytest.mark.parametrize("chords, key", [
+    (["Dm", "G", "Em", "Am", "F", "G", "C", "C"], "C major"),          # tonic only where V resolves
+    (["C", "G", "F", "E", "Dm", "F", "E", "Am"], "A minor"),           # relative chords, E -> Am
+    (["Am", "F", "C", "G", "Am", "F", "C", "G"], "A minor"),           # Aeolian loop ending on VII
+    (["C", "Bb", "F", "C", "C", "Ab", "Bb", "C"], "C major"),          # borrowed bVII, bVI
+    (["C", "E7", "Am", "F", "D7", "G", "G7", "C"], "C major"),         # secondary dominants
+])
+def test_key_from_harmony_tells_relative_keys_apart(chords, key):
+    from stems.song import _KEYS, _key_scores
+
+    spans, downbeats = _spans(chords * 2)
+    scores = _key_scores(spans, downbeats, np.zeros(12))
+    assert _KEYS[int(np.argmax(scores))].name == key
