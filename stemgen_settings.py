@@ -138,8 +138,6 @@ class Settings(BaseSettings):
     #: With source_mode "continue": seconds of the song before the region that MusicGen continues
     #: (generate_continuation).
     source_prompt_seconds: float = Field(default=4.0, gt=0, le=20)
-    #: Not read (a melody MusicGen hears the whole region's chromagram); listed in deploy/k8s.
-    source_chroma_seconds: float = Field(default=30.0, gt=0, le=120)
 
     # --- request limits -------------------------------------------------------------------------
     #: Longest stem a request may ask for (seconds). Beyond the model's window (30 s for the hub
