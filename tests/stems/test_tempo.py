@@ -59,11 +59,10 @@ def detect_clicks(y: np.ndarray, sr: int, threshold: float = 0.1) -> np.ndarray:
     above = np.flatnonzero(env > threshold * env.max())
     if len(above) == 0:
         return np.array([])
-    starts = [above[0]]
-    for i in above[1:]:
-        if i - starts[-1] > 0.08 * sr:
-            starts.append(i)
-    return np.array(starts) / sr
+    # a new onset where the envelope was below the threshold for >= 80 ms (a kick's tail that
+    # stays above it for 80 ms is not a second onset)
+    gaps = np.flatnonzero(np.diff(above) > 0.08 * sr)
+    return np.concatenate((above[:1], above[gaps + 1])) / sr
 
 
 def grid_deviation_ms(onsets: np.ndarray, period: float) -> np.ndarray:
