@@ -89,22 +89,38 @@ class SilentAudioError(AnalysisError):
     """The audio has no pitched content to analyse (RMS below -80 dBFS, or an all-zero chromagram)."""
 
 
-def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Mono float32 copy at _ANALYSIS_SR."""
+def mono_at(audio: np.ndarray, sample_rate: int, target_rate: int, *,
+            error: type[ValueError] | None = None) -> np.ndarray:
+    """A mono float32 copy of ``audio`` (``[channels, samples]`` or ``[samples]``) resampled to
+    ``target_rate`` Hz with soxr.
+
+    Raises:
+        ``error`` (AnalysisError by default): a sample rate that is not a positive integer, audio
+        that is not numeric, of another shape or empty, or that holds NaN or infinity.
+    """
+    error = error or AnalysisError
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise AnalysisError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-    x = np.asarray(audio, dtype=np.float32)
+        raise error(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    try:
+        x = np.asarray(audio, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise error(f"audio must be a numeric array: {exc}") from exc
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] == 0 or not 1 <= x.shape[0] <= _MAX_CHANNELS:
-        raise AnalysisError(f"audio must be [channels, samples] with 1..{_MAX_CHANNELS} channels and "
-                            f"samples > 0, got shape {np.shape(audio)}")
+        raise error(f"audio must be [channels, samples] with 1..{_MAX_CHANNELS} channels and "
+                    f"samples > 0, got shape {np.shape(audio)}")
     if not np.isfinite(x).all():
-        raise AnalysisError("audio contains NaN or infinity")
+        raise error("audio contains NaN or infinity")
     mono = x.mean(axis=0)
-    if sample_rate != _ANALYSIS_SR:
-        mono = soxr.resample(mono, sample_rate, _ANALYSIS_SR).astype(np.float32)
+    if sample_rate != target_rate:
+        mono = soxr.resample(mono, int(sample_rate), target_rate).astype(np.float32)
     return mono
+
+
+def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 copy at _ANALYSIS_SR."""
+    return mono_at(audio, sample_rate, _ANALYSIS_SR)
 
 
 def _chroma(mono: np.ndarray, method: str) -> np.ndarray:

@@ -46,9 +46,8 @@ from dataclasses import dataclass
 
 import librosa
 import numpy as np
-import soxr
 
-from stems.analysis import KRUMHANSL_KESSLER_MAJOR, KRUMHANSL_KESSLER_MINOR
+from stems.analysis import KRUMHANSL_KESSLER_MAJOR, KRUMHANSL_KESSLER_MINOR, mono_at
 import stems.beats as _beats
 from stems.plan import CHORD_INTERVALS, PITCH_CLASSES, Key, parse_chord
 
@@ -78,7 +77,6 @@ _DOUBLE_MIN_BPM = 150.0   # a tracked tempo this fast may be eighth notes (see _
 _HALF_MAX_BPM = 75.0      # a tracked tempo this slow may be half notes (see _changes_mid_bar)
 _GRID_SKIP = 0.25         # share of each beat left out when choosing the beat grid and bar phase
 _SMOOTH_BEATS = 8          # beats on each side in the beat map's robust local regression
-_MAX_CHANNELS = 16
 _SILENCE_RMS = 1e-4        # -80 dBFS
 _QUALITIES = ("maj", "min", "7", "maj7", "min7")
 # weight of the bass note on the chord's root against the treble template match
@@ -253,23 +251,7 @@ class SongAnalysis:
 
 
 def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise SongAnalysisError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-    try:
-        x = np.asarray(audio, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise SongAnalysisError(f"audio must be a numeric array: {exc}") from exc
-    if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2 or x.shape[1] == 0 or not 1 <= x.shape[0] <= _MAX_CHANNELS:
-        raise SongAnalysisError(f"audio must be [channels, samples] with 1..{_MAX_CHANNELS} channels, "
-                                f"got shape {np.shape(audio)}")
-    if not np.isfinite(x).all():
-        raise SongAnalysisError("audio contains NaN or infinity")
-    mono = x.mean(axis=0)
-    if sample_rate != _SR:
-        mono = soxr.resample(mono, int(sample_rate), _SR).astype(np.float32)
-    return mono
+    return mono_at(audio, sample_rate, _SR, error=SongAnalysisError)
 
 
 # ------------------------------------------------------------------------------ beats
