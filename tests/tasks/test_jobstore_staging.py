@@ -1,20 +1,5 @@
 """Rendered stems kept while their upload fails (tasks.jobstore.staging), against the real Redis."""
 
-import pytest
-
-from tasks.jobstore import JobStore
-from tests.harness import REDIS
-
-URL = f"{REDIS}/12"
-
-
-@pytest.fixture
-def store():
-    s = JobStore(URL, ttl_seconds=60)
-    s._redis.flushdb()
-    yield s
-    s._redis.flushdb()
-
 
 def test_a_kept_render_is_bounded_in_size_and_age(store):
     assert store.stage_rendered("j1", "bass", b"RIFF" * 10, {"upload": {}}, max_bytes=40,

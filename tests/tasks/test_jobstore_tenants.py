@@ -15,14 +15,6 @@ URL = f"{REDIS}/12"
 A, B = "a" * 16, "b" * 16
 
 
-@pytest.fixture
-def store():
-    s = JobStore(URL, ttl_seconds=60)
-    s._redis.flushdb()
-    yield s
-    s._redis.flushdb()
-
-
 def req(rid="gen-1", **params):
     return {"generation_request_id": rid, "audio_file_id": "a", "target_stems": ["bass"],
             "parameters": {"target_bpm": 120.0, "duration_seconds": 4.0, **params}}
