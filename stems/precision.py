@@ -11,10 +11,14 @@ positions are therefore float32, and every matmul runs in float16. ``ENGINE_PREC
   weights (attention projections, feed-forward, layer scales) in the half type, everything else
   float32, the generation under autocast to the half type. The layers' norms are held in float32:
   CUDA's autocast runs ``layer_norm`` in float32 anyway (weights cast up exactly), and CPU's
-  autocast does not, so float32 norms give the same arithmetic on CUDA and a working one on CPU;
+  autocast does not, so float32 norms give the same arithmetic on CUDA and a working one on CPU.
+  On a CPU whose oneDNN multiplies bfloat16, the bfloat16 linear weights are held packed in
+  oneDNN's layout (``stems.cpu_weights.PackedWeight``): the same products, bit for bit, without
+  the per-call reorder;
 - ``int8`` (CPU): the ``bfloat16`` layout with the layers' linear weights (``in_proj_weight``
   included) held as int8 with one float scale per output channel, multiplied by
-  ``torch._weight_int8pack_mm`` (weight-only: activations stay bfloat16).
+  ``torch._weight_int8pack_mm`` (weight-only: activations stay bfloat16;
+  ``stems.cpu_weights.Int8Weight``).
 
 The conditioners and EnCodec stay float32 in every layout. ``auto`` is float16 on CUDA
 (audiocraft's own) and, on CPU, bfloat16 where the CPU has native bfloat16 arithmetic
@@ -135,6 +139,8 @@ def apply_layout(model, precision: str) -> None:
     import torch
     from audiocraft.utils.autocast import TorchAutocast
 
+    from stems.cpu_weights import can_pack, hold_layer_weights
+
     if precision not in _LAYOUTS:
         raise ValueError(f"precision must be one of {tuple(_LAYOUTS)} (resolve 'auto' first)")
     lm = model.lm
@@ -150,7 +156,9 @@ def apply_layout(model, precision: str) -> None:
             if isinstance(module, torch.nn.LayerNorm) or "Norm" in type(module).__name__:
                 module.float()
         if precision == "int8":
-            quantize_layer(layer)
+            hold_layer_weights(layer, "int8")
+        elif device.type == "cpu" and can_pack(half):
+            hold_layer_weights(layer, "packed")
     model.autocast = TorchAutocast(enabled=True, device_type=device.type, dtype=half)
 
 
@@ -158,92 +166,9 @@ def layout_of(lm) -> str:
     """The precision a language model is laid out in (read from its first layer)."""
     import torch
 
+    from stems.cpu_weights import Int8Weight
+
     weight = lm.transformer.layers[0].linear1.weight
     if isinstance(weight, Int8Weight):
         return "int8"
     return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(weight.dtype, "float32")
-
-
-# --- int8 weight-only ---------------------------------------------------------------------------
-
-class Int8Weight:
-    """A linear weight ``[out, in]`` held as int8 with one scale per output channel, standing in
-    where audiocraft reads a weight: ``F.linear(x, w, b)`` (``nn.Linear.forward`` and
-    ``StreamingMultiheadAttention``'s ``in_proj_weight``), ``w[a:b]`` (the cross-attention's
-    q/k/v rows), ``w.shape``. The product is ``torch._weight_int8pack_mm`` (PyTorch's weight-only
-    int8 kernel, the one torchao's int8 weight-only layout calls on CPU): the activations are cast
-    to the scales' dtype (bfloat16) and the output comes back in it.
-
-    Quantization is symmetric per output channel by ``torch.ao.quantization``'s
-    ``PerChannelMinMaxObserver`` and ``torch.quantize_per_channel``.
-    """
-
-    def __init__(self, data, scales):
-        self.data = data  # int8 [out, in], contiguous
-        self.scales = scales  # [out], the compute dtype
-        self.shape = data.shape
-        self.dtype = data.dtype
-        self.device = data.device
-
-    @classmethod
-    def quantize(cls, weight, compute=None) -> "Int8Weight":
-        import torch
-        from torch.ao.quantization.observer import PerChannelMinMaxObserver
-
-        compute = compute or torch.bfloat16
-        w = weight.detach().float()
-        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
-                                            qscheme=torch.per_channel_symmetric)
-        observer(w)
-        scales, zero_points = observer.calculate_qparams()
-        q = torch.quantize_per_channel(w, scales.float(), zero_points, 0, torch.qint8)
-        return cls(q.int_repr().contiguous(), scales.to(compute))
-
-    def __getitem__(self, rows):
-        if not isinstance(rows, slice):
-            raise TypeError("an int8 weight is sliced by output rows only")
-        return Int8Weight(self.data[rows].contiguous(), self.scales[rows].contiguous())
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + self.scales.numel() * self.scales.element_size()
-
-    def linear(self, x, bias=None):
-        import torch
-
-        shape = x.shape
-        out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous(),
-                                        self.data, self.scales)
-        if bias is not None:
-            out = out + bias.to(out.dtype)
-        return out.view(*shape[:-1], self.shape[0])
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        import torch
-
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return weight.linear(x, bias)
-        raise TypeError(f"{func} is not defined for an int8 weight")
-
-
-def quantize_layer(layer) -> int:
-    """Hold the linear weights of a transformer layer as ``Int8Weight`` (the attention modules'
-    ``in_proj_weight`` and every ``nn.Linear``; biases stay in the compute dtype). Returns how
-    many weights were quantized."""
-    import torch
-
-    count = 0
-    for module in layer.modules():
-        if isinstance(module, torch.nn.Linear) or (
-                hasattr(module, "in_proj_weight") and isinstance(module.in_proj_weight, torch.nn.Parameter)):
-            name = "weight" if isinstance(module, torch.nn.Linear) else "in_proj_weight"
-            weight = getattr(module, name)
-            quantized = Int8Weight.quantize(weight)
-            delattr(module, name)
-            object.__setattr__(module, name, quantized)
-            count += 1
-    return count
