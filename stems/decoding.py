@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-from stems.audiocraft_patches import project_cross, project_query
+from stems.audiocraft_patches import attend, project_cross, project_query, uses_float32_attention
 from stems.precision import ENGINE_MODES, autocast, compute_dtype
 from stems.sampling import SamplingParams, SamplingTensors, guide, probs_dtype, sample_next
 
@@ -167,8 +167,11 @@ class StaticDecoder:
         self.max_cross = int(max_cross_tokens)
         self.device = device
         self.precision = precision
-        #: dtype of the keys/values (what the attention projections output under autocast)
-        self.dtype = compute_dtype(precision) or torch.float32
+        #: dtype of the keys/values: what the attention projections output under autocast, or
+        #: float32 where the model attends in float32 (stems.audiocraft_patches.attend)
+        self.float32_attention = uses_float32_attention(lm.transformer.layers[0].self_attn)
+        self.dtype = (torch.float32 if self.float32_attention
+                      else compute_dtype(precision) or torch.float32)
         #: the generation's sampling settings, written before its first step (graphs read them)
         self.sampling = SamplingTensors(device)
         #: dtype of the Exp(1) draws (stems.sampling.probs_dtype)
@@ -371,6 +374,8 @@ class StaticDecoder:
                     _copy_rows(target, source.to(self.dtype), batch, bucket, halves, source.shape[2])
             if cross_src is not None:
                 ck, cv = project_cross(layer.cross_attention, cross_src, "b h t d")
+                if self.float32_attention:  # as the cached cross-attention keeps them
+                    ck, cv = ck.float(), cv.float()
                 if self.shape == "exact":
                     cache["cross_keys"].append(ck)
                     cache["cross_values"].append(cv)
@@ -477,16 +482,15 @@ class StaticDecoder:
             packed = projected.view(x.shape[0], 1, 3, heads, -1).permute(0, 3, 2, 1, 4)
             q, k, v = torch.unbind(packed, dim=2)  # [rows, heads, 1, head_dim]
             keys, values = cache["keys"][i], cache["values"][i]
+            f32 = self.float32_attention
             if kv_len is None:
                 keys[:, :, pos:pos + 1] = k
                 values[:, :, pos:pos + 1] = v
-                a = F.scaled_dot_product_attention(q, keys[:, :, :pos + 1], values[:, :, :pos + 1],
-                                                   dropout_p=0.0)
+                a = attend(q, keys[:, :, :pos + 1], values[:, :, :pos + 1], float32=f32)
             else:
-                keys.index_copy_(2, pos.view(1), k)
-                values.index_copy_(2, pos.view(1), v)
-                a = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len],
-                                                   attn_mask=self_mask, dropout_p=0.0)
+                keys.index_copy_(2, pos.view(1), k.to(keys.dtype))
+                values.index_copy_(2, pos.view(1), v.to(values.dtype))
+                a = attend(q, keys[:, :, :kv_len], values[:, :, :kv_len], mask=self_mask, float32=f32)
             # audiocraft: x.to(dtype), dtype the query's (the norm's output) before out_proj
             a = a.to(h.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
             x = x + layer.layer_scale_1(sa.out_proj(a))
@@ -495,10 +499,7 @@ class StaticDecoder:
                 h = layer.norm_cross(x)
                 q = project_query(ca, h, "b h t d")
                 ck, cv = cache["cross_keys"][i], cache["cross_values"][i]
-                if kv_len is None:
-                    a = F.scaled_dot_product_attention(q, ck, cv, dropout_p=0.0)
-                else:
-                    a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cross_mask, dropout_p=0.0)
+                a = attend(q, ck, cv, mask=None if kv_len is None else cross_mask, float32=f32)
                 a = a.to(h.dtype).permute(0, 2, 1, 3).reshape(x.shape[0], 1, -1)
                 x = x + layer.layer_scale_cross(ca.out_proj(a))
             x = x + layer.layer_scale_2(layer._ff_block(layer.norm2(x)))

@@ -198,10 +198,12 @@ class StemEngine:
             raise ModelLoadError(f"cannot load MusicGen model {model!r}: {exc}") from exc
         self._num_threads = num_threads
         lm = self._model.lm
-        from stems.precision import apply_layout
+        from stems.precision import apply_layout, float32_attention
 
         apply_layout(self._model, self.precision)
-        install_streaming_caches(lm, kv_buffer=kv_buffer, cross_attention_cache=cross_attention_cache)
+        f32_attention = float32_attention(self.precision, self.device)
+        install_streaming_caches(lm, kv_buffer=kv_buffer, cross_attention_cache=cross_attention_cache,
+                                 float32_attention=f32_attention)
         #: The static decoder (None in eager mode): stats, capture, cache size.
         self.decoder = None
         #: Seconds spent capturing CUDA graphs at warm-up.
@@ -223,7 +225,7 @@ class StemEngine:
         self.settings = {"num_threads": num_threads or torch.get_num_threads(),
                          "attention_backend": attention_backend, "kv_buffer": kv_buffer,
                          "cross_attention_cache": cross_attention_cache, "mode": self.mode,
-                         "precision": self.precision,
+                         "precision": self.precision, "float32_attention": f32_attention,
                          "static_fallback": self.decoder.unsupported if self.decoder else None}
         self._torch = torch
         # MusicGen keeps generation params and the progress callback on the model object.

@@ -14,7 +14,8 @@ positions are therefore float32, and every matmul runs in float16. ``ENGINE_PREC
   autocast does not, so float32 norms give the same arithmetic on CUDA and a working one on CPU.
   On a CPU whose oneDNN multiplies bfloat16, the bfloat16 linear weights are held packed in
   oneDNN's layout (``stems.cpu_weights.PackedWeight``): the same products, bit for bit, without
-  the per-call reorder;
+  the per-call reorder. On CPU the attention itself runs in float32 over float32 keys/values
+  (``float32_attention``);
 - ``int8`` (CPU): the ``bfloat16`` layout with the layers' linear weights (``in_proj_weight``
   included) held as int8 with one float scale per output channel, multiplied by
   ``torch._weight_int8pack_mm`` (weight-only: activations stay bfloat16;
@@ -126,6 +127,14 @@ def autocast(precision: str, device_type: str, cache_enabled: bool = True):
     dtype = compute_dtype(precision)
     return torch.autocast(device_type=device_type, dtype=dtype or torch.float32,
                           enabled=dtype is not None, cache_enabled=cache_enabled)
+
+
+def float32_attention(precision: str, device: str) -> bool:
+    """Whether the attention runs in float32 over float32 keys/values
+    (``stems.audiocraft_patches.attend``): on CPU in a half-precision layout, where PyTorch's
+    bfloat16 flash-attention kernel is several times slower than float32 for one-query steps.
+    On CUDA the layout's attention is audiocraft's own."""
+    return device == "cpu" and compute_dtype(precision) is not None
 
 
 def apply_layout(model, precision: str) -> None:

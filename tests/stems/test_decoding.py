@@ -293,3 +293,29 @@ def test_every_cuda_combination_is_allowed_or_refused():
     allowed = {(m, p) for m in ENGINE_MODES for p in PRECISIONS if conflict(m, p, "cuda") is None}
     assert ("graph", "float16") in allowed and ("eager", "float32") in allowed
     assert not any(p == "int8" for _, p in allowed)
+
+
+def test_cpu_half_layouts_attend_in_float32(checkpoint):
+    # on CPU a half layout attends in float32 over float32 keys/values (PyTorch's bfloat16 CPU
+    # flash attention is slow for one-query steps); float32 and CUDA layouts keep torch's own
+    from stems.audiocraft_patches import attend
+    from stems.precision import float32_attention
+
+    assert float32_attention("bfloat16", "cpu") and float32_attention("int8", "cpu")
+    assert not float32_attention("float32", "cpu") and not float32_attention("float16", "cuda")
+    exact = engine_at(checkpoint, device="cpu", mode="exact", precision="bfloat16")
+    assert exact.settings["float32_attention"] and exact.decoder.dtype == torch.float32
+    held = []
+    attention = exact._model.lm.transformer.layers[0].self_attn
+    hook = attention.register_forward_hook(
+        lambda module, args, out: held.append(module._streaming_state["past_keys"].dtype))
+    exact.generate(PROMPTS[:1], 0.5, seed=1)  # the prefill runs audiocraft's (patched) forward
+    hook.remove()
+    assert held == [torch.float32]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=gen).bfloat16() for n in (1, 9, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, float32=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.bfloat16())
+    assert not engine_at(checkpoint, device="cpu", mode="eager").settings["float32_attention"]
