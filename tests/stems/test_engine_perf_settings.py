@@ -19,14 +19,17 @@ def checkpoint(tmp_path_factory):
     return str(write_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny", seed=2))
 
 
+# float32: audiocraft's own CPU arithmetic, untouched (a half layout on CPU also attends in
+# float32, a change of its own: tests/stems/test_decoding.py)
 @pytest.fixture(scope="module")
 def plain(checkpoint):
-    return StemEngine(checkpoint, device="cpu", kv_buffer=False, cross_attention_cache=False)
+    return StemEngine(checkpoint, device="cpu", kv_buffer=False, cross_attention_cache=False,
+                      precision="float32")
 
 
 @pytest.fixture(scope="module")
 def cached(checkpoint):
-    return StemEngine(checkpoint, device="cpu")
+    return StemEngine(checkpoint, device="cpu", precision="float32")
 
 
 @pytest.mark.parametrize("prompts", [["one"], ["guitar", "bass", "drums"]])
