@@ -8,7 +8,11 @@
    each side of a phase jump, as at a join of MusicGen's extension windows, where the next
    window's groove may start a little early or late);
 2. the downbeat as the bar phase with the strongest evidence from kick-band onsets against
-   snare-band onsets, bass-note changes and chord changes (beat-synchronous chroma novelty).
+   snare-band onsets, bass-note changes and chord changes (beat-synchronous chroma novelty);
+3. where harmony singles out a bar position (chords, arpeggios, bass lines; not drums alone), the
+   beat grid and bar phase as ``stems.song`` chooses them for a song: of the tracked beats and the
+   grid half a beat later (a tracker on syncopated material without drums may lock onto the
+   off-beat 8ths), and of each one's 4 bar phases, the one whose bars chord templates fit best.
 
 ``stems.warping`` puts the beats found here on a grid. All public audio arrays are float
 ``[channels, samples]``; times are seconds, tempi BPM. Dependencies: numpy, librosa.
@@ -46,6 +50,12 @@ _PHASE_JUMP_MIN = 0.008
 _MAX_PHASE_JUMP = 0.2
 _JUMP_CONFIRM = 5
 _MIN_PIECE_BEATS = 6      # beats smoothed on each side of a jump, at least
+# the harmonic beat/off-beat and bar-phase choice (``_harmonic_grid``): 4/4 bars, as
+# ``stems.song`` analyses them, decided when the best bar position's chord-template fit is this
+# much above the median position's (seed 0 of make bench-tempo: drums alone <= 0.010, tonal
+# material >= 0.039)
+_HARMONIC_BEATS_PER_BAR = 4
+_HARMONIC_MIN_SPREAD = 0.025
 
 class TempoError(ValueError):
     """Bad arguments: non-positive or non-finite BPM or sample rate, empty or non-finite audio,
@@ -381,6 +391,26 @@ def _downbeat_phase(beat_times: np.ndarray, feats: _Features, beats_per_bar: int
     return int(np.argmax(score))
 
 
+def _harmonic_grid(y: np.ndarray, beats: np.ndarray, duration: float) -> tuple[np.ndarray, int] | None:
+    """Beats and first-downbeat index chosen by harmony, or None where harmony does not decide.
+
+    A tracker on tonal material without drums (syncopated bass lines held over the beat,
+    arpeggios with ties) may lock onto the off-beat 8ths, and onsets alone rarely show beat 1
+    there. Harmony changes on the bar line, so of the tracked beats and the grid half a beat
+    later, and of each one's 4 bar phases, the one whose bars chord templates fit best wins:
+    ``stems.song.harmonic_bar_grid``, the song analysis' own bar-phase choice (CQT chroma,
+    Fujishima-style chord templates), applied only when its best bar position stands
+    _HARMONIC_MIN_SPREAD above the median one (drums alone leave the choice to the onsets)."""
+    from stems.song import harmonic_bar_grid  # stems.song builds on this module
+
+    found = harmonic_bar_grid(y, beats, _HARMONIC_MIN_SPREAD)
+    if found is None:
+        return None
+    grid, phase = found
+    grid = grid[(grid >= 0.0) & (grid < duration)]
+    return (grid, phase) if len(grid) >= 4 and phase < len(grid) else None
+
+
 def _consistent_beats(times: np.ndarray) -> np.ndarray:
     """Walk out from the middle of the beat list; a beat more than 8 % of the local period off
     the one predicted from its 4 predecessors is replaced when the next beat confirms the
@@ -471,6 +501,10 @@ def analyse_beats(mono: np.ndarray, sample_rate: int, target_bpm: float, beats_p
     slope = np.polyfit(np.arange(len(smooth)), smooth, 1)[0]
     source_bpm = 60.0 / slope if slope > 0 else tempo
     phase = _downbeat_phase(smooth, feats, beats_per_bar)
+    if beats_per_bar == _HARMONIC_BEATS_PER_BAR:
+        harmonic = _harmonic_grid(y, smooth, duration)
+        if harmonic is not None:
+            smooth, phase = harmonic
     return Beats(times=smooth, source_bpm=float(source_bpm), confidence=confidence, downbeat_index=phase)
 
 

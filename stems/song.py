@@ -483,10 +483,21 @@ def _bar_grid(frames: _Frames, beats: np.ndarray, duration: float, onset: np.nda
     drums), so the tracked beats and the grid half a beat later both compete; for each, every bar
     phase is scored by how well chord templates fit its bars (harmony changes on bar lines), with
     low-band onsets on beat 1 as a small tie-breaker."""
+    _, grid, phase = max(_bar_grid_candidates(frames, beats, duration, onset), key=lambda c: c[0])
+    return grid, _beat_chroma(frames, grid, duration), phase
+
+
+def _bar_grid_candidates(frames: _Frames, beats: np.ndarray, duration: float, onset: np.ndarray
+                         ) -> list[tuple[float, np.ndarray, int]]:
+    """Every (score, beat grid, bar phase) that ``_bar_grid`` chooses from: the tracked beats and
+    the grid half a beat later (the off-beat 8ths of the tracked beats, one extrapolated before
+    the first where the audio reaches it), each with its 4 bar phases, scored by the bars'
+    chord-template fit (``_bar_fit``) plus a small low-band onset tie-breaker. Shared with
+    ``stems.beats``, which makes the same beat/off-beat and bar-phase choice for a stem."""
     half = 0.5 * (beats[1:] + beats[:-1])
     if len(beats) > 1 and beats[0] - 0.5 * (beats[1] - beats[0]) >= 0:
         half = np.concatenate(([beats[0] - 0.5 * (beats[1] - beats[0])], half))
-    best = None
+    out = []
     for grid in (beats, half):
         if len(grid) < 2:
             continue
@@ -494,11 +505,28 @@ def _bar_grid(frames: _Frames, beats: np.ndarray, duration: float, onset: np.nda
         # change, which would otherwise favour grids that start late
         chroma = _beat_chroma(frames, grid, duration, skip=_GRID_SKIP)
         for phase in range(min(BEATS_PER_BAR, len(grid))):
-            score = _bar_fit(chroma, phase) + 0.005 * _onset_contrast(grid, onset, phase)
-            if best is None or score > best[0]:
-                best = (score, grid, phase)
-    _, grid, phase = best
-    return grid, _beat_chroma(frames, grid, duration), phase
+            out.append((_bar_fit(chroma, phase) + 0.005 * _onset_contrast(grid, onset, phase), grid, phase))
+    return out
+
+
+def harmonic_bar_grid(mono: np.ndarray, beats: np.ndarray, min_spread: float
+                      ) -> tuple[np.ndarray, int] | None:
+    """The beat grid and bar phase that harmony puts on ``beats`` (s) of ``mono`` (at 22050 Hz),
+    as ``analyse_song`` chooses them (``_bar_grid_candidates``): (beats, index of the first
+    downbeat), or None when the harmony does not single out a bar position, i.e. when the best
+    candidate's score is less than ``min_spread`` above the median candidate's (drums alone fit
+    every chord template about equally at every position: spread ~0.01; chords, arpeggios and bass
+    lines that change harmony on the bar line: 0.04-0.13 on make bench-tempo's seed 0)."""
+    if len(beats) < 2 * BEATS_PER_BAR:
+        return None
+    frames = _frame_chroma(mono)
+    onset = librosa.onset.onset_strength(y=mono, sr=_SR, hop_length=_HOP, n_mels=16, fmax=300.0)
+    candidates = _bar_grid_candidates(frames, beats, len(mono) / _SR, onset)
+    scores = np.array([c[0] for c in candidates])
+    best = int(np.argmax(scores))
+    if scores[best] - float(np.median(scores)) < min_spread:
+        return None
+    return candidates[best][1], candidates[best][2]
 
 
 def _changes_mid_bar(chroma: _Chroma, phase: int) -> bool:

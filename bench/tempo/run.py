@@ -57,6 +57,9 @@ DRUMLESS_TARGETS = {"tempo_p90": 0.3, "grid_worst": 20.0}
 #: 27.6 / 166.3 (it fires between the notes of plucked arpeggios and late on low bass notes),
 #: specdiff 10.4 / 15.0. Every run prints both detectors' self-check on the drumless clips.
 JUDGE = {"set": "complex", "join": "complex", "drumless": "specdiff"}
+#: tracked beats whose median distance from the true beats is under this fraction of a beat are
+#: "on the beats" (an off-beat 8th is 1/2 beat off); the 8th-note grid judge cannot see that error
+ON_BEAT_FRACTION = 1.0 / 8.0
 #: onsets this close to a window join (seconds, output) make its join grid distance
 JOIN_HALF_WIDTH = 2.0
 METHODS = ("stemgen", "(a) librosa+PV", "(b) RB const true")
@@ -74,6 +77,11 @@ class ClipResult:
     source_detector_ms: float
     which: str                # "set", "join" or "drumless"
     downbeat_ok: bool
+    #: median |tracked beat - nearest true beat| (ms) of ``stems.beats.analyse_beats`` on the
+    #: clip's mono mix (as the conform tracks it); inf when no beat was tracked
+    beat_err_ms: float
+    #: beat_err_ms under ON_BEAT_FRACTION of the clip's median true beat period
+    on_beat: bool
     confidence: float
     duration: float = 30.0
     #: stemgen's output bars / the whole bars (closed by a beat inside the clip) that follow the
@@ -160,14 +168,42 @@ def _run_clip(args: tuple[int, int, int, float, str]) -> ClipResult:
         self_check = {d: truth_p75_ms(detect_onsets(clip.audio, sr, d), eighths) for d in DETECTORS}
         floor = score(_true_beat_warp(clip), sr, target, detector).grid_p75_ms
     downbeat_ok = bool(np.min(np.abs(clip.downbeat_times - result.analysis.downbeat_offset_seconds)) < 0.05)
+    beat_err_ms = _beat_error_ms(clip, result.analysis.method)
+    on_beat = beat_err_ms < 1000.0 * ON_BEAT_FRACTION * float(np.median(np.diff(clip.beat_times)))
     whole_bars = (np.count_nonzero(clip.beat_times >= clip.downbeat_times[0] - 1e-9) - 1) // 4
     kept = result.analysis.bars / max(1, whole_bars)
     return ClipResult(name=clip.name, kind=clip.kind, drift=clip.drift_percent, ratio=clip.ratio,
                       which=which,
                       tempo_err=errs, grid_p75=grids, cpu_s=cpu, source_detector_ms=det_ms,
-                      downbeat_ok=downbeat_ok, confidence=result.analysis.confidence,
+                      downbeat_ok=downbeat_ok, beat_err_ms=beat_err_ms, on_beat=on_beat,
+                      confidence=result.analysis.confidence,
                       duration=clip.audio.shape[1] / sr, kept=kept, join_p75=join_p75 or None,
                       self_check_p75=self_check, true_beat_warp_p75=floor)
+
+
+def _beat_error_ms(clip, method: str) -> float:
+    """Median over the beats that ``stems.beats.analyse_beats`` tracks in ``clip`` (its mono mix
+    at the conform's target tempo, as ``stems.warping`` calls it) of the distance (ms) to the
+    nearest true beat; inf when the conform did not warp on tracked beats. A tracker locked onto
+    the off-beat 8ths is half a beat off here, which the 8th-note grid judge cannot see."""
+    from stems.beats import analyse_beats
+
+    if method != "beat-warp":
+        return float("inf")
+    x = clip.audio.astype(np.float64)
+    x = x - np.median(x, axis=1, keepdims=True)
+    beats = analyse_beats(x.mean(axis=0), clip.sample_rate, clip.target_bpm, 4)
+    if beats is None:
+        return float("inf")
+    nearest = np.abs(beats.times[:, None] - clip.beat_times[None, :]).min(axis=1)
+    return 1000.0 * float(np.median(nearest))
+
+
+def _beat_line(label: str, rs: list[ClipResult]) -> str:
+    """One set's beat-phase line: tracked beats on the true beats, downbeat found (counts)."""
+    return (f"{label}: tracked beats on the true beats (median error < 1/{round(1 / ON_BEAT_FRACTION)} beat) "
+            f"{sum(r.on_beat for r in rs)}/{len(rs)}, downbeat found (within 50 ms) "
+            f"{sum(r.downbeat_ok for r in rs)}/{len(rs)}")
 
 
 def _true_beat_warp(clip) -> np.ndarray:
@@ -279,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stemgen downbeat found: {sum(r.downbeat_ok for r in results)}/{len(results)}; "
           f"confidence median {np.median([r.confidence for r in results]):.2f}; "
           f"bars kept min {min(r.kept for r in results):.2f}")
+    print(_beat_line("stemgen beat phase, drum set", results))
     kinds = sorted({r.kind.split(':')[0] for r in results})
     per_kind = ", ".join(
         f"{k} {np.median([r.grid_p75['stemgen'] for r in results if r.kind.split(':')[0] == k]):.1f}"
@@ -326,7 +363,9 @@ def _report_drumless(drumless: list[ClipResult]) -> list[tuple[str, bool]]:
     for r in drumless:
         print(f"  {r.name:<4} {r.kind:<34} stemgen tempo err {r.tempo_err['stemgen']:.3f} %, grid p75 "
               f"{r.grid_p75['stemgen']:.1f} ms (true-beat warp {r.true_beat_warp_p75:.1f}), confidence "
-              f"{r.confidence:.2f}, downbeat {'found' if r.downbeat_ok else 'missed'}")
+              f"{r.confidence:.2f}, beats {'on the beats' if r.on_beat else 'OFF the beats'} "
+              f"({_fmt(r.beat_err_ms, 0)} ms), downbeat {'found' if r.downbeat_ok else 'missed'}")
+    print(_beat_line("stemgen beat phase, drumless clips", drumless))
     return [
         ("drumless: p90 tempo error <= 0.3 %",
          np.percentile(err["stemgen"], 90) <= DRUMLESS_TARGETS["tempo_p90"]),
@@ -357,6 +396,7 @@ def _report_joins(joined: list[ClipResult]) -> list[tuple[str, bool]]:
         per_join = " ".join(_fmt(d, 1) if np.isfinite(d) else "n/a" for d in r.join_p75["stemgen"])
         print(f"  {r.name:<4} {r.kind:<42} {r.duration:5.0f} s  stemgen tempo err {r.tempo_err['stemgen']:.3f} %, "
               f"grid p75 {r.grid_p75['stemgen']:.1f} ms, at the joins {per_join} ms, bars kept {r.kept:.2f}")
+    print(_beat_line("stemgen beat phase, window-join clips", joined))
     worst_join = float(np.nanmax(near["stemgen"])) if n_joins else 0.0
     return [
         ("joins: median tempo error <= 0.3 %", np.median(err["stemgen"]) <= TARGETS["tempo_median"]),
