@@ -83,13 +83,15 @@ class Settings(BaseSettings):
     #: lazy imports, numba compilation) when a worker process starts.
     preload_model: bool = True
     #: Dynamic batching (stems.batching): most clips per MusicGen call, how long the first request
-    #: of a batch waits for company, and the duration granularity of a batch.
-    batch_max_size: int = Field(default=4, ge=1, le=64)
+    #: of a batch waits for company, and the duration granularity of a batch. 6: two 3-stem
+    #: requests in one call; on a 2-core CPU in bfloat16 a step of 6 rows costs 1.3x a step of 3,
+    #: one of 12 twice that (docs/benchmarks.md#precision).
+    batch_max_size: int = Field(default=6, ge=1, le=64)
     batch_window_seconds: float = Field(default=0.05, ge=0, le=5)
     batch_bucket_seconds: float = Field(default=1.0, gt=0)
     #: Threads of a worker process (Celery threads pool); each runs one stem task, and the stem
     #: tasks of a worker share one model and one batcher. At least batch_max_size.
-    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    worker_concurrency: int = Field(default=6, ge=1, le=256)
     #: Intra-op threads torch uses while generating (torch.set_num_threads); 0: all cores the
     #: process sees on CPU, 1 on CUDA (the GPU does the arithmetic; the host only launches work).
     #: Set it to the container's CPU limit on CPU workers.

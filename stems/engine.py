@@ -129,7 +129,35 @@ def _load_musicgen(source: str, device: str):
 
 ATTENTION_BACKENDS = ("torch", "xformers")
 __all__ = ["PRECISIONS", "SamplingParams", "StemEngine", "install_streaming_caches",
-           "resolve_mode", "resolve_precision"]
+           "on_short_lived_thread", "resolve_mode", "resolve_precision"]
+
+
+def on_short_lived_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run on a thread that ends when it returns; its result, or its
+    exception re-raised here.
+
+    GNU OpenMP (torch's CPU threads) keeps one thread pool per thread that runs parallel work, and
+    a pool stays while its thread lives. A model loaded and warmed up on one long-lived thread (a
+    worker's main thread) and decoded on another (the batcher's) leaves two pools on the CPU, and
+    every decoding step ran about 1.5× slower on 2 cores (docs/benchmarks.md#precision). Loading on
+    a thread that ends leaves the generating thread's pool the only one.
+    """
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="stemgen-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 class StemEngine:

@@ -28,7 +28,7 @@ from celery.signals import before_task_publish, setup_logging, task_postrun, tas
 from celery.worker.control import inspect_command
 
 import stemgen_logging
-from stems.engine import SamplingParams, resolve_device
+from stems.engine import SamplingParams, on_short_lived_thread, resolve_device
 from stems.render import warm_up as render_warm_up
 from tasks import device_watchdog, metrics, readiness
 from tasks.app import app
@@ -150,7 +150,8 @@ class ModelStart(bootsteps.StartStopStep):
 
     def start(self, worker):
         settings = worker.app.stemgen_settings
-        info = _load_model()
+        # on a thread that ends: torch's OpenMP pool goes with it (stems.engine.on_short_lived_thread)
+        info = on_short_lived_thread(_load_model)
         readiness.mark_ready(settings.worker_ready_file, info)
 
     def stop(self, worker):

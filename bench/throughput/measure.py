@@ -64,13 +64,19 @@ def median_throughput(runs: list[Run]) -> float:
 
 
 class Baseline:
-    """Plain audiocraft: ``MusicGen.generate`` once per stem, one after the other."""
+    """Plain audiocraft: ``MusicGen.generate`` once per stem, one after the other.
+
+    Loaded, warmed up and run each on a thread that ends (``stems.engine.on_short_lived_thread``),
+    so that its torch thread pool does not outlive it and slow the worker path measured after it
+    in the same process; plain audiocraft on one thread runs as fast as on the main thread."""
 
     def __init__(self, directory: Path, device: str, sampling: SamplingParams):
         os.environ.setdefault("USER", "stemgen")
         from audiocraft.models import MusicGen
 
-        self.model = MusicGen.get_pretrained(str(directory), device=device)
+        from stems.engine import on_short_lived_thread
+
+        self.model = on_short_lived_thread(MusicGen.get_pretrained, str(directory), device=device)
         self.sampling = sampling
 
     def _params(self, seconds: float) -> None:
@@ -80,10 +86,17 @@ class Baseline:
                                          duration=seconds)
 
     def warm_up(self) -> None:
+        from stems.engine import on_short_lived_thread
+
         self._params(0.5)
-        self.model.generate(["warm up"])
+        on_short_lived_thread(self.model.generate, ["warm up"])
 
     def run(self, prompts: list[str], seconds: float) -> Run:
+        from stems.engine import on_short_lived_thread
+
+        return on_short_lived_thread(self._run, prompts, seconds)
+
+    def _run(self, prompts: list[str], seconds: float) -> Run:
         self._params(seconds)
         started, cpu = time.perf_counter(), time.process_time()
         for prompt in prompts:
@@ -100,15 +113,18 @@ class WorkerPath:
                  engine_options: dict, max_batch: int, window_seconds: float,
                  bucket_seconds: float = 1.0):
         from stems.batching import StemBatcher
-        from stems.engine import StemEngine
+        from stems.engine import StemEngine, on_short_lived_thread
 
-        self.engine = StemEngine(str(directory), device, **engine_options)
+        # as the worker loads it (tasks.worker.ModelStart): on a thread that ends
+        self.engine = on_short_lived_thread(StemEngine, str(directory), device, **engine_options)
         self.batcher = StemBatcher(self.engine, max_batch=max_batch, window_seconds=window_seconds,
                                    bucket_seconds=bucket_seconds)
         self.sampling = sampling
 
     def warm_up(self, batch_size: int) -> None:
-        self.engine.warm_up(batch_size=min(batch_size, self.batcher.max_batch))
+        from stems.engine import on_short_lived_thread
+
+        on_short_lived_thread(self.engine.warm_up, batch_size=min(batch_size, self.batcher.max_batch))
 
     def run(self, requests: list[list[str]], seconds: float, *, stagger_seconds: float = 0.0,
             label: str = "worker") -> tuple[Run, list[np.ndarray]]:
