@@ -35,7 +35,7 @@ def test_engine_gets_thread_count_attention_backend_and_decoding(built):
 def test_zero_threads_leaves_torch_its_default_on_cpu_and_one_thread_on_cuda(built):
     model_cache.engine_for(load_settings(musicgen_model="tiny", stemgen_device="cpu"))
     assert built[0][2] == {"num_threads": None, "attention_backend": "torch", "mode": "auto",
-                           "precision": "auto", "buckets": (1, 2, 4)}
+                           "precision": "auto", "buckets": (1, 2, 4, 6)}
     model_cache.engine_for(load_settings(musicgen_model="tiny", stemgen_device="cuda"))
     assert built[1][2]["num_threads"] == 1
 
