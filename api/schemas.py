@@ -18,6 +18,13 @@ DeliveryState = Literal["none", "pending", "delivering", "delivered", "failed"]
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
+def _not_a_boolean(value):
+    """A number field's value, refused when it is a JSON boolean (pydantic would take true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
 class OutputFormat(BaseModel):
     """``parameters.output``: the delivered files' format (every stem of the request)."""
 
@@ -44,9 +51,7 @@ class OutputFormat(BaseModel):
     @field_validator("sample_rate", "bit_depth", "channels", "bitrate_kbps", mode="before")
     @classmethod
     def _not_a_boolean(cls, value):
-        if isinstance(value, bool):  # JSON true would otherwise pass as 1
-            raise ValueError("must be a number, not a boolean")
-        return value
+        return _not_a_boolean(value)
 
     @field_validator("bit_depth")
     @classmethod
@@ -90,9 +95,7 @@ class SourceRegion(BaseModel):
     @field_validator("start_bar", "bars", mode="before")
     @classmethod
     def _not_a_boolean(cls, value):
-        if isinstance(value, bool):  # JSON true would otherwise pass as 1
-            raise ValueError("must be a number, not a boolean")
-        return value
+        return _not_a_boolean(value)
 
     @field_validator("start_seconds")
     @classmethod
