@@ -475,6 +475,7 @@ class StaticDecoder:
         if kv_len is not None:
             self_mask = (torch.arange(kv_len, device=x.device) <= pos).view(1, 1, 1, kv_len)
             cross_mask = self._buffers["cross_valid"]
+        f32 = self.float32_attention
         for i, layer in enumerate(transformer.layers):
             sa = layer.self_attn
             h = layer.norm1(x)
@@ -482,7 +483,6 @@ class StaticDecoder:
             packed = projected.view(x.shape[0], 1, 3, heads, -1).permute(0, 3, 2, 1, 4)
             q, k, v = torch.unbind(packed, dim=2)  # [rows, heads, 1, head_dim]
             keys, values = cache["keys"][i], cache["values"][i]
-            f32 = self.float32_attention
             if kv_len is None:
                 keys[:, :, pos:pos + 1] = k
                 values[:, :, pos:pos + 1] = v
